@@ -1,0 +1,497 @@
+//! Wire types of the sessiond HTTP API v1.
+//!
+//! Requests, responses, the session object, the tenant policy document and the problem
+//! (RFC 9457) error body, with their stable error codes. Serde only, no logic: the server and
+//! the client SDK share these types so that they cannot drift apart.
+//!
+//! Every request type rejects unknown fields, so that a typo in a client is a `400` and not a
+//! silently ignored setting.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A JSON object: the application's session data, or a merge patch for it.
+pub type JsonObject = Map<String, Value>;
+
+/// How the user proved who they are, as told by the application at create or step-up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthInput {
+    /// The authentication method, for example `password`, `webauthn`, `oidc`.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Authenticator assurance level (NIST SP 800-63B): 1, 2 or 3.
+    #[serde(default)]
+    pub aal: Option<u8>,
+    /// When the user authenticated; defaults to now. Not accepted in the future.
+    #[serde(default)]
+    pub authenticated_at: Option<DateTime<Utc>>,
+}
+
+/// The end user's client, as seen by the application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClientInput {
+    /// The client's IP address (IPv4 or IPv6).
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// The client's `User-Agent` header.
+    #[serde(default)]
+    pub user_agent: Option<String>,
+}
+
+/// `POST /v1/sessions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSessionRequest {
+    /// The authenticated user's id (required, non-empty).
+    pub user_id: String,
+    /// The tenant whose policy applies; `default` when absent.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// A long-lived "remember me" session with the policy's remember-me timeouts.
+    #[serde(default)]
+    pub remember_me: bool,
+    /// How the user authenticated.
+    #[serde(default)]
+    pub auth: Option<AuthInput>,
+    /// The user's client.
+    #[serde(default)]
+    pub client: Option<ClientInput>,
+    /// Initial application session data.
+    #[serde(default)]
+    pub data: Option<JsonObject>,
+}
+
+/// Step-up requirements a verify can ask for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Requirements {
+    /// The user must have authenticated at most this many seconds ago.
+    #[serde(default)]
+    pub max_auth_age_s: Option<u64>,
+    /// The session's assurance level must be at least this.
+    #[serde(default)]
+    pub min_aal: Option<u8>,
+}
+
+/// `POST /v1/sessions/verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// The session token presented by the user.
+    pub token: String,
+    /// The client presenting it.
+    #[serde(default)]
+    pub client: Option<ClientInput>,
+    /// Step-up requirements for this request.
+    #[serde(default)]
+    pub require: Option<Requirements>,
+}
+
+/// `POST /v1/sessions/rotate` and `POST /v1/sessions/logout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// The session token.
+    pub token: String,
+}
+
+/// `POST /v1/sessions/reauthenticate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReauthenticateRequest {
+    /// The session token.
+    pub token: String,
+    /// The fresh authentication.
+    pub auth: AuthInput,
+}
+
+/// `PATCH /v1/sessions/{handle}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchSessionRequest {
+    /// A JSON merge patch (RFC 7396) for the session data: a key set to `null` is removed.
+    pub data: JsonObject,
+}
+
+/// How a session was authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthInfo {
+    /// The authentication method.
+    pub method: String,
+    /// Authenticator assurance level, 1 to 3.
+    pub aal: u8,
+    /// When the user last authenticated (at create or step-up).
+    #[serde(with = "timestamp")]
+    pub authenticated_at: DateTime<Utc>,
+}
+
+/// Where a session is used from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    /// ISO 3166-1 alpha-2 country code.
+    pub country: Option<String>,
+    /// City name.
+    pub city: Option<String>,
+}
+
+/// The device a session was created on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// The client IP address at create.
+    pub ip: Option<String>,
+    /// The raw user agent.
+    pub user_agent: Option<String>,
+    /// The browser family parsed from the user agent.
+    pub browser: Option<String>,
+    /// The operating system parsed from the user agent.
+    pub os: Option<String>,
+    /// The location, when geolocation data is configured.
+    pub location: Option<Location>,
+}
+
+/// A session's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// Valid until its idle or absolute expiry.
+    Active,
+    /// Ended by logout, revocation, eviction or a detector.
+    Revoked,
+    /// Ended by its idle or absolute timeout.
+    Expired,
+}
+
+/// The session object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// The public, non-secret id of the session.
+    pub handle: String,
+    /// The user's id.
+    pub user_id: String,
+    /// The tenant.
+    pub tenant: String,
+    /// Active, revoked or expired.
+    pub status: SessionStatus,
+    /// When the session was created.
+    #[serde(with = "timestamp")]
+    pub created_at: DateTime<Utc>,
+    /// When the session was last used.
+    #[serde(with = "timestamp")]
+    pub last_seen_at: DateTime<Utc>,
+    /// Sliding expiry: `last_seen_at` plus the idle timeout.
+    #[serde(with = "timestamp")]
+    pub idle_expires_at: DateTime<Utc>,
+    /// Absolute expiry: `created_at` plus the absolute timeout; never slides.
+    #[serde(with = "timestamp")]
+    pub expires_at: DateTime<Utc>,
+    /// Whether this is a remember-me session.
+    pub remember_me: bool,
+    /// How the user authenticated.
+    pub auth: AuthInfo,
+    /// The device.
+    pub device: Device,
+    /// Application session data.
+    pub data: JsonObject,
+    /// Why the session was revoked; `null` unless revoked.
+    pub revoked_reason: Option<String>,
+}
+
+/// A cookie ready for the application to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cookie {
+    /// The cookie name.
+    pub name: String,
+    /// The cookie value (the session token).
+    pub value: String,
+    /// A complete `Set-Cookie` header value.
+    pub set_cookie: String,
+}
+
+/// `201` of create, `200` of rotate and reauthenticate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionWithToken {
+    /// The session.
+    pub session: Session,
+    /// The secret session token. Returned only here.
+    pub token: String,
+    /// The session cookie.
+    pub cookie: Cookie,
+}
+
+/// `200` of verify, get, patch and delete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionResponse {
+    /// The session.
+    pub session: Session,
+}
+
+/// `200` of logout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogoutResponse {
+    /// The session, now revoked (or already ended).
+    pub session: Session,
+    /// A `Set-Cookie` value that deletes the session cookie.
+    pub clear_cookie: String,
+}
+
+/// `GET /v1/users/{user_id}/sessions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionList {
+    /// The sessions of this page, most recently seen first.
+    pub sessions: Vec<Session>,
+    /// The cursor of the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `DELETE /v1/users/{user_id}/sessions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForceLogoutResponse {
+    /// How many sessions were revoked.
+    pub revoked: u64,
+}
+
+/// What happens when a user is at the session limit and creates another session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// Revoke the least recently used session (reason `limit_evicted`).
+    #[default]
+    EvictOldest,
+    /// Refuse the new session (`409 session_limit_reached`).
+    Deny,
+}
+
+/// The cookie's `SameSite` attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum SameSite {
+    /// `SameSite=Strict`.
+    Strict,
+    /// `SameSite=Lax`.
+    #[default]
+    Lax,
+    /// `SameSite=None` (requires `Secure`).
+    None,
+}
+
+/// How the session cookie is built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CookiePolicy {
+    /// Cookie name; `__Host-` names need `secure`, path `/` and no domain.
+    #[serde(default = "default_cookie_name")]
+    pub name: String,
+    /// `Domain` attribute; `null` for a host-only cookie.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// `Path` attribute.
+    #[serde(default = "default_cookie_path")]
+    pub path: String,
+    /// `SameSite` attribute.
+    #[serde(default)]
+    pub same_site: SameSite,
+    /// `Secure` attribute.
+    #[serde(default = "default_true")]
+    pub secure: bool,
+}
+
+impl Default for CookiePolicy {
+    fn default() -> Self {
+        Self {
+            name: default_cookie_name(),
+            domain: None,
+            path: default_cookie_path(),
+            same_site: SameSite::Lax,
+            secure: true,
+        }
+    }
+}
+
+fn default_cookie_name() -> String {
+    "__Host-session".to_owned()
+}
+fn default_cookie_path() -> String {
+    "/".to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A tenant's session policy: the document of `GET`/`PUT /v1/tenants/{tenant}/policy`.
+///
+/// Absent fields take their defaults, so `{}` is the default policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// Idle timeout of a plain session.
+    #[serde(default = "d_idle")]
+    pub idle_timeout_s: u64,
+    /// Absolute timeout of a plain session.
+    #[serde(default = "d_abs")]
+    pub absolute_timeout_s: u64,
+    /// Idle timeout of a remember-me session.
+    #[serde(default = "d_rm_idle")]
+    pub remember_me_idle_timeout_s: u64,
+    /// Absolute timeout of a remember-me session.
+    #[serde(default = "d_rm_abs")]
+    pub remember_me_absolute_timeout_s: u64,
+    /// At most this many active sessions per user; `null` for no limit.
+    #[serde(default)]
+    pub max_sessions_per_user: Option<u32>,
+    /// What happens at the limit.
+    #[serde(default)]
+    pub on_limit: OnLimit,
+    /// The session cookie.
+    #[serde(default)]
+    pub cookie: CookiePolicy,
+}
+
+fn d_idle() -> u64 {
+    1800
+}
+fn d_abs() -> u64 {
+    43_200
+}
+fn d_rm_idle() -> u64 {
+    1_209_600
+}
+fn d_rm_abs() -> u64 {
+    2_592_000
+}
+
+impl Default for PolicyDocument {
+    fn default() -> Self {
+        Self {
+            idle_timeout_s: d_idle(),
+            absolute_timeout_s: d_abs(),
+            remember_me_idle_timeout_s: d_rm_idle(),
+            remember_me_absolute_timeout_s: d_rm_abs(),
+            max_sessions_per_user: None,
+            on_limit: OnLimit::EvictOldest,
+            cookie: CookiePolicy::default(),
+        }
+    }
+}
+
+/// An RFC 9457 problem: the body of every error response (`application/problem+json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// A URI naming the problem type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short summary of the problem type.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong, for humans.
+    pub detail: String,
+    /// The stable error code clients branch on (see [`codes`]).
+    pub code: String,
+}
+
+/// The stable error codes of problem responses.
+pub mod codes {
+    /// `401`: missing or wrong API key.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// `400`: malformed or invalid request.
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    /// `413`: request body over the limit.
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// `413`: session data over the limit.
+    pub const DATA_TOO_LARGE: &str = "data_too_large";
+    /// `415`: request body is not JSON.
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    /// `401`: no session has this token.
+    pub const SESSION_UNKNOWN: &str = "session_unknown";
+    /// `401`: the session timed out.
+    pub const SESSION_EXPIRED: &str = "session_expired";
+    /// `401`: the session was revoked.
+    pub const SESSION_REVOKED: &str = "session_revoked";
+    /// `403`: the session is valid but the request needs a fresher or stronger authentication.
+    pub const REAUTHENTICATION_REQUIRED: &str = "reauthentication_required";
+    /// `409`: the user is at the session limit and the policy denies more.
+    pub const SESSION_LIMIT_REACHED: &str = "session_limit_reached";
+    /// `409`: the session is not active.
+    pub const SESSION_NOT_ACTIVE: &str = "session_not_active";
+    /// `404`: no such resource.
+    pub const NOT_FOUND: &str = "not_found";
+    /// `405`: method not allowed on this path.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// `400`: the policy document is invalid.
+    pub const INVALID_POLICY: &str = "invalid_policy";
+    /// `409`: a concurrent change to the same session won; retry.
+    pub const CONFLICT: &str = "conflict";
+    /// `503`: the store cannot be reached; the server fails closed.
+    pub const STORE_UNAVAILABLE: &str = "store_unavailable";
+    /// `500`: an internal error (details are in the server log under the request id).
+    pub const INTERNAL: &str = "internal";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_policy_document_is_the_default() {
+        let p: PolicyDocument = serde_json::from_str("{}").unwrap();
+        assert_eq!(p, PolicyDocument::default());
+    }
+
+    #[test]
+    fn policy_document_round_trips() {
+        let p = PolicyDocument::default();
+        let text = serde_json::to_string(&p).unwrap();
+        let back: PolicyDocument = serde_json::from_str(&text).unwrap();
+        assert_eq!(p, back);
+        assert!(text.contains("\"on_limit\":\"evict_oldest\""));
+        assert!(text.contains("\"same_site\":\"Lax\""));
+    }
+
+    #[test]
+    fn requests_reject_unknown_fields() {
+        let err = serde_json::from_str::<CreateSessionRequest>(r#"{"user_id":"u","usr":"x"}"#);
+        assert!(err.is_err());
+        let err = serde_json::from_str::<PolicyDocument>(r#"{"idle_timeout":5}"#);
+        assert!(err.is_err());
+    }
+}
+
+/// Timestamps on the wire: RFC 3339 UTC with exactly three fractional digits
+/// (`2026-01-02T03:04:05.000Z`), so that every timestamp has the same width and two of them
+/// compare as strings in time order. Any RFC 3339 timestamp is accepted on input.
+pub mod timestamp {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Formats `t` as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+    pub fn format(t: &DateTime<Utc>) -> String {
+        t.to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+
+    /// Serializes with [`format`].
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(t))
+    }
+
+    /// Accepts any RFC 3339 timestamp.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        DateTime::<Utc>::deserialize(d)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::format;
+        use chrono::{TimeZone, Utc};
+
+        #[test]
+        fn whole_seconds_keep_their_millis_so_strings_sort_in_time_order() {
+            let whole = Utc.timestamp_millis_opt(1_800_000_000_000).unwrap();
+            let later = Utc.timestamp_millis_opt(1_800_000_000_015).unwrap();
+            assert_eq!(format(&whole), "2027-01-15T08:00:00.000Z");
+            assert_eq!(format(&later), "2027-01-15T08:00:00.015Z");
+            assert!(format(&whole) < format(&later));
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The device view: client IP and user agent, parsed into browser and OS families.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use sessiond_api::ClientInput;
+
+use crate::error::CoreError;
+use crate::session::DeviceRecord;
+
+/// Longest user agent accepted.
+pub const MAX_USER_AGENT: usize = 1024;
+
+/// Validates the client given by the application and parses its user agent.
+pub fn device_from(client: Option<&ClientInput>) -> Result<DeviceRecord, CoreError> {
+    let Some(c) = client else {
+        return Ok(DeviceRecord::default());
+    };
+    let ip = match c.ip.as_deref() {
+        None => None,
+        Some(s) => Some(s.parse::<IpAddr>().map_err(|_| {
+            CoreError::InvalidRequest("client.ip must be an IPv4 or IPv6 address".into())
+        })?),
+    };
+    let (user_agent, browser, os) = match c.user_agent.as_deref() {
+        None | Some("") => (None, None, None),
+        Some(ua) => {
+            if ua.len() > MAX_USER_AGENT || ua.chars().any(char::is_control) {
+                return Err(CoreError::InvalidRequest(format!(
+                    "client.user_agent must be at most {MAX_USER_AGENT} bytes without control characters"
+                )));
+            }
+            let (b, o) = parse_user_agent(ua);
+            (Some(Arc::from(ua)), b, o)
+        }
+    };
+    Ok(DeviceRecord {
+        ip,
+        user_agent,
+        browser,
+        os,
+    })
+}
+
+/// Browser and OS family of a user agent; `None` where it is not recognised.
+pub fn parse_user_agent(ua: &str) -> (Option<Arc<str>>, Option<Arc<str>>) {
+    let known =
+        |s: &str| (!s.is_empty() && s != woothee::woothee::VALUE_UNKNOWN).then(|| Arc::from(s));
+    match woothee::parser::Parser::new().parse(ua) {
+        Some(r) => (known(r.name), known(r.os)),
+        None => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_common_user_agents() {
+        let ff = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+        let (b, o) = parse_user_agent(ff);
+        assert_eq!(b.as_deref(), Some("Firefox"));
+        assert_eq!(o.as_deref(), Some("Linux"));
+        let safari = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1";
+        let (b, o) = parse_user_agent(safari);
+        assert_eq!(b.as_deref(), Some("Safari"));
+        assert_eq!(o.as_deref(), Some("iPhone"));
+        assert_eq!(parse_user_agent("curl-ish/1").0, None);
+    }
+
+    #[test]
+    fn validates_ip_and_user_agent() {
+        let ok = ClientInput {
+            ip: Some("2001:db8::1".into()),
+            user_agent: None,
+        };
+        assert!(device_from(Some(&ok)).unwrap().ip.is_some());
+        let bad_ip = ClientInput {
+            ip: Some("300.1.1.1".into()),
+            user_agent: None,
+        };
+        assert!(device_from(Some(&bad_ip)).is_err());
+        let long = ClientInput {
+            ip: None,
+            user_agent: Some("a".repeat(MAX_USER_AGENT + 1)),
+        };
+        assert!(device_from(Some(&long)).is_err());
+        let ctl = ClientInput {
+            ip: None,
+            user_agent: Some("a\nb".into()),
+        };
+        assert!(device_from(Some(&ctl)).is_err());
+    }
+}

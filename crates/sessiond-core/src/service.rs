@@ -1,0 +1,626 @@
+//! [`SessionService`]: the lifecycle operations, each a short sequence of core decisions and
+//! store calls. It owns no I/O of its own: storage, time and events come through the ports.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Map, Value};
+use sessiond_api as api;
+
+use crate::cookie;
+use crate::device::device_from;
+use crate::error::CoreError;
+use crate::events::{Event, EventKind, EventSink};
+use crate::policy::Policy;
+use crate::session::{
+    self, AuthRecord, Liveness, SessionRecord, StoredSession, StoredState, check_requirements,
+    encode_data, liveness, liveness_error, to_api, validate_requirements,
+};
+use crate::store::{
+    DataUpdate, InsertOutcome, ListQuery, RotateOutcome, SessionStore, SweepReport,
+};
+use crate::time::{Clock, Timestamp};
+use crate::token::{SessionHandle, SessionToken, TenantId, TokenFormat, TokenHash, UserId};
+
+/// How far in the future a client-supplied `authenticated_at` may be (clock skew).
+const MAX_CLOCK_SKEW_S: u64 = 60;
+/// Default page size of listings.
+pub const DEFAULT_PAGE: usize = 50;
+/// Largest page size of listings.
+pub const MAX_PAGE: usize = 500;
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// The token format (prefix).
+    pub token_format: TokenFormat,
+    /// Largest session data, in bytes of JSON.
+    pub max_data_bytes: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            token_format: TokenFormat::default(),
+            max_data_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// A session together with its new secret token: the answer of create, rotate, reauthenticate.
+#[derive(Debug)]
+pub struct Issued {
+    /// The session.
+    pub session: api::Session,
+    /// The secret token.
+    pub token: SessionToken,
+    /// The session cookie's name.
+    pub cookie_name: String,
+    /// The complete `Set-Cookie` value.
+    pub set_cookie: String,
+}
+
+/// Which sessions a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// Active sessions only.
+    Active,
+    /// Every session not yet purged.
+    All,
+}
+
+/// The lifecycle operations.
+pub struct SessionService {
+    store: Arc<dyn SessionStore>,
+    clock: Arc<dyn Clock>,
+    events: Arc<dyn EventSink>,
+    cfg: ServiceConfig,
+}
+
+impl SessionService {
+    /// A service over these ports.
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        clock: Arc<dyn Clock>,
+        events: Arc<dyn EventSink>,
+        cfg: ServiceConfig,
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            events,
+            cfg,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn emit(&self, kind: EventKind, rec: &SessionRecord, at: Timestamp, reason: Option<&str>) {
+        self.events.record(&Event {
+            kind,
+            at,
+            tenant: rec.tenant.clone(),
+            user_id: Some(rec.user_id.clone()),
+            handle: Some(rec.handle.clone()),
+            reason: reason.map(str::to_owned),
+        });
+    }
+
+    fn issued(
+        &self,
+        s: &StoredSession,
+        policy: &Policy,
+        token: SessionToken,
+        now: Timestamp,
+    ) -> Issued {
+        let session = to_api(s, policy, now);
+        let max_age = s.record.remember_me.then(|| {
+            let (_, absolute) = session::expiries(&s.record, s.last_seen_at, policy);
+            now.secs_until(absolute)
+        });
+        let set_cookie = cookie::set_cookie(policy.cookie(), token.expose(), max_age);
+        Issued {
+            session,
+            token,
+            cookie_name: policy.cookie().name.clone(),
+            set_cookie,
+        }
+    }
+
+    fn auth_from(input: Option<&api::AuthInput>, now: Timestamp) -> Result<AuthRecord, CoreError> {
+        let default = api::AuthInput::default();
+        let a = input.unwrap_or(&default);
+        let method = a.method.as_deref().unwrap_or("unknown");
+        let method_ok = !method.is_empty()
+            && method.len() <= 64
+            && method
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+        if !method_ok {
+            return Err(CoreError::InvalidRequest(
+                "auth.method must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
+                    .into(),
+            ));
+        }
+        let aal = a.aal.unwrap_or(1);
+        if !(1..=3).contains(&aal) {
+            return Err(CoreError::InvalidRequest(
+                "auth.aal must be 1, 2 or 3".into(),
+            ));
+        }
+        let authenticated_at = match a.authenticated_at {
+            None => now,
+            Some(t) => {
+                let t = Timestamp::from_datetime(t);
+                if t > now.plus_secs(MAX_CLOCK_SKEW_S) {
+                    return Err(CoreError::InvalidRequest(
+                        "auth.authenticated_at must not be in the future".into(),
+                    ));
+                }
+                t.min(now)
+            }
+        };
+        Ok(AuthRecord {
+            method: method.into(),
+            aal,
+            authenticated_at,
+        })
+    }
+
+    /// Creates a session for an authenticated user.
+    pub async fn create(&self, req: &api::CreateSessionRequest) -> Result<Issued, CoreError> {
+        let now = self.clock.now();
+        let user_id = UserId::parse(&req.user_id)?;
+        let tenant = match req.tenant.as_deref() {
+            Some(t) => TenantId::parse(t)?,
+            None => TenantId::default_tenant(),
+        };
+        let auth = Self::auth_from(req.auth.as_ref(), now)?;
+        let device = device_from(req.client.as_ref())?;
+        let data = encode_data(
+            req.data.as_ref().unwrap_or(&Map::new()),
+            self.cfg.max_data_bytes,
+        )?;
+        let (token, token_hash) = self.cfg.token_format.generate()?;
+        let record = SessionRecord {
+            handle: SessionHandle::generate()?,
+            token_hash,
+            user_id,
+            tenant,
+            created_at: now,
+            last_seen_at: now,
+            remember_me: req.remember_me,
+            auth,
+            device,
+            data: data.into(),
+            state: StoredState::Active,
+        };
+        let policy = self.store.policy(&record.tenant).await?;
+        let record = Arc::new(record);
+        match self.store.insert((*record).clone(), now).await? {
+            InsertOutcome::LimitReached => Err(CoreError::SessionLimitReached),
+            InsertOutcome::Inserted { evicted } => {
+                for h in evicted {
+                    self.events.record(&Event {
+                        kind: EventKind::SessionRevoked,
+                        at: now,
+                        tenant: record.tenant.clone(),
+                        user_id: Some(record.user_id.clone()),
+                        handle: Some(h),
+                        reason: Some("limit_evicted".into()),
+                    });
+                }
+                self.emit(EventKind::SessionCreated, &record, now, None);
+                Ok(self.issued(&StoredSession::new(record), &policy, token, now))
+            }
+        }
+    }
+
+    /// Finds the active session of a presented token, or the error that says why there is none.
+    async fn active_by_token(
+        &self,
+        token: &str,
+        now: Timestamp,
+    ) -> Result<(StoredSession, Arc<Policy>, TokenHash), CoreError> {
+        let hash = self
+            .cfg
+            .token_format
+            .hash_presented(token)
+            .ok_or(CoreError::SessionUnknown)?;
+        let (found, policy) = self
+            .store
+            .find_by_token_with_policy(&hash)
+            .await?
+            .ok_or(CoreError::SessionUnknown)?;
+        if !found.record.token_hash.ct_eq(&hash) {
+            return Err(CoreError::SessionUnknown);
+        }
+        if let Some(e) = liveness_error(&liveness(&found.record, found.last_seen_at, &policy, now))
+        {
+            return Err(e);
+        }
+        Ok((found, policy, hash))
+    }
+
+    /// Verifies a presented token: valid sessions slide their idle expiry.
+    pub async fn verify(&self, req: &api::VerifyRequest) -> Result<api::Session, CoreError> {
+        if let Some(r) = &req.require {
+            validate_requirements(r)?;
+        }
+        // The client is validated like at create, so a caller learns of a bad value at once.
+        device_from(req.client.as_ref())?;
+        let now = self.clock.now();
+        let (mut found, policy, _) = self.active_by_token(&req.token, now).await?;
+        if let Some(r) = &req.require {
+            check_requirements(&found.record, r, now)?;
+        }
+        self.store.touch(&found, &policy, now).await?;
+        found.last_seen_at = found.last_seen_at.max(now);
+        Ok(to_api(&found, &policy, now))
+    }
+
+    async fn rotate_with(
+        &self,
+        token: &str,
+        auth: Option<&api::AuthInput>,
+    ) -> Result<Issued, CoreError> {
+        let now = self.clock.now();
+        let auth = match auth {
+            Some(a) => Some(Self::auth_from(Some(a), now)?),
+            None => None,
+        };
+        let (found, policy, old_hash) = self.active_by_token(token, now).await?;
+        let (new_token, new_hash) = self.cfg.token_format.generate()?;
+        let handle = found.record.handle.clone();
+        match self
+            .store
+            .rotate(&handle, &old_hash, new_hash, auth.clone(), now)
+            .await?
+        {
+            RotateOutcome::Rotated(s) => {
+                let kind = if auth.is_some() {
+                    EventKind::SessionReauthenticated
+                } else {
+                    EventKind::SessionRotated
+                };
+                self.emit(kind, &s.record, now, None);
+                Ok(self.issued(&s, &policy, new_token, now))
+            }
+            // Lost a race: the token was rotated or the session ended meanwhile.
+            RotateOutcome::Stale => match self.store.find_by_token(&old_hash).await? {
+                None => Err(CoreError::SessionUnknown),
+                Some(s) => Err(
+                    liveness_error(&liveness(&s.record, s.last_seen_at, &policy, now))
+                        .unwrap_or(CoreError::Conflict),
+                ),
+            },
+        }
+    }
+
+    /// Issues a new token for the session; the old one stops working at once.
+    pub async fn rotate(&self, token: &str) -> Result<Issued, CoreError> {
+        self.rotate_with(token, None).await
+    }
+
+    /// Records a fresh authentication (step-up) and rotates the token.
+    pub async fn reauthenticate(
+        &self,
+        token: &str,
+        auth: &api::AuthInput,
+    ) -> Result<Issued, CoreError> {
+        if auth.authenticated_at.is_some() {
+            return Err(CoreError::InvalidRequest(
+                "auth.authenticated_at is set by the server on reauthenticate".into(),
+            ));
+        }
+        self.rotate_with(token, Some(auth)).await
+    }
+
+    /// Logs out: revokes the token's session (reason `logout`). Idempotent for a session that
+    /// has already ended. Returns the session and the cookie-clearing `Set-Cookie` value.
+    pub async fn logout(&self, token: &str) -> Result<(api::Session, String), CoreError> {
+        let now = self.clock.now();
+        let hash = self
+            .cfg
+            .token_format
+            .hash_presented(token)
+            .ok_or(CoreError::SessionUnknown)?;
+        let found = self
+            .store
+            .find_by_token(&hash)
+            .await?
+            .ok_or(CoreError::SessionUnknown)?;
+        if !found.record.token_hash.ct_eq(&hash) {
+            return Err(CoreError::SessionUnknown);
+        }
+        let policy = self.store.policy(&found.record.tenant).await?;
+        let out = self
+            .store
+            .revoke(&found.record.handle, "logout", now)
+            .await?
+            .ok_or(CoreError::SessionUnknown)?;
+        if out.revoked_now {
+            self.emit(
+                EventKind::SessionRevoked,
+                &out.session.record,
+                now,
+                Some("logout"),
+            );
+        }
+        Ok((
+            to_api(&out.session, &policy, now),
+            cookie::clear_cookie(policy.cookie()),
+        ))
+    }
+
+    /// The session with this handle, whatever its status.
+    pub async fn get(&self, handle: &str) -> Result<api::Session, CoreError> {
+        let handle = SessionHandle::parse(handle)?;
+        let now = self.clock.now();
+        let s = self
+            .store
+            .find_by_handle(&handle)
+            .await?
+            .ok_or(CoreError::NotFound)?;
+        let policy = self.store.policy(&s.record.tenant).await?;
+        Ok(to_api(&s, &policy, now))
+    }
+
+    /// Merges a patch into an active session's data.
+    pub async fn patch_data(
+        &self,
+        handle: &str,
+        patch: &Map<String, Value>,
+    ) -> Result<api::Session, CoreError> {
+        let handle = SessionHandle::parse(handle)?;
+        let now = self.clock.now();
+        match self
+            .store
+            .update_data(&handle, patch, self.cfg.max_data_bytes, now)
+            .await?
+        {
+            DataUpdate::Updated(s) => {
+                let policy = self.store.policy(&s.record.tenant).await?;
+                Ok(to_api(&s, &policy, now))
+            }
+            DataUpdate::NotActive => Err(CoreError::SessionNotActive),
+            DataUpdate::NotFound => Err(CoreError::NotFound),
+            DataUpdate::TooLarge { size, limit } => Err(CoreError::DataTooLarge { size, limit }),
+        }
+    }
+
+    /// Revokes a session by handle. Idempotent.
+    pub async fn revoke(
+        &self,
+        handle: &str,
+        reason: Option<&str>,
+    ) -> Result<api::Session, CoreError> {
+        let handle = SessionHandle::parse(handle)?;
+        let reason = reason.unwrap_or("revoked");
+        validate_reason(reason)?;
+        let now = self.clock.now();
+        let out = self
+            .store
+            .revoke(&handle, reason, now)
+            .await?
+            .ok_or(CoreError::NotFound)?;
+        if out.revoked_now {
+            self.emit(
+                EventKind::SessionRevoked,
+                &out.session.record,
+                now,
+                Some(reason),
+            );
+        }
+        let policy = self.store.policy(&out.session.record.tenant).await?;
+        Ok(to_api(&out.session, &policy, now))
+    }
+
+    /// A page of a user's sessions, most recently seen first.
+    pub async fn list_user(
+        &self,
+        user_id: &str,
+        tenant: Option<&str>,
+        status: StatusFilter,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<api::SessionList, CoreError> {
+        let user_id = UserId::parse(user_id)?;
+        let tenant = tenant.map(TenantId::parse).transpose()?;
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(CoreError::InvalidRequest(format!(
+                "limit must be 1 to {MAX_PAGE}"
+            )));
+        }
+        let after = cursor.map(decode_cursor).transpose()?;
+        let now = self.clock.now();
+        let query = ListQuery {
+            user_id,
+            tenant,
+            include_ended: status == StatusFilter::All,
+            after,
+            limit: limit + 1,
+        };
+        let mut found = self.store.list_user(&query, now).await?;
+        let next_cursor = if found.len() > limit {
+            found.truncate(limit);
+            found
+                .last()
+                .map(|s| encode_cursor(s.last_seen_at, &s.record.handle))
+        } else {
+            None
+        };
+        let mut sessions = Vec::with_capacity(found.len());
+        for s in &found {
+            let policy = self.store.policy(&s.record.tenant).await?;
+            sessions.push(to_api(s, &policy, now));
+        }
+        Ok(api::SessionList {
+            sessions,
+            next_cursor,
+        })
+    }
+
+    /// Force logout: revokes all of a user's active sessions except `except`.
+    pub async fn force_logout(
+        &self,
+        user_id: &str,
+        tenant: Option<&str>,
+        except: Option<&str>,
+    ) -> Result<u64, CoreError> {
+        let user_id = UserId::parse(user_id)?;
+        let tenant = tenant.map(TenantId::parse).transpose()?;
+        let except = except
+            .map(|h| {
+                SessionHandle::parse(h).map_err(|_| {
+                    CoreError::InvalidRequest("except must be a session handle".into())
+                })
+            })
+            .transpose()?;
+        let now = self.clock.now();
+        let revoked = self
+            .store
+            .revoke_user(
+                &user_id,
+                tenant.as_ref(),
+                except.as_ref(),
+                "force_logout",
+                now,
+            )
+            .await?;
+        for h in &revoked {
+            // The tenant of each revoked session is not needed by the store's answer; look it up
+            // for the event only when it was not given.
+            let tenant = match &tenant {
+                Some(t) => t.clone(),
+                None => match self.store.find_by_handle(h).await? {
+                    Some(s) => s.record.tenant.clone(),
+                    None => TenantId::default_tenant(),
+                },
+            };
+            self.events.record(&Event {
+                kind: EventKind::SessionRevoked,
+                at: now,
+                tenant,
+                user_id: Some(user_id.clone()),
+                handle: Some(h.clone()),
+                reason: Some("force_logout".into()),
+            });
+        }
+        Ok(revoked.len() as u64)
+    }
+
+    /// The tenant's policy document.
+    pub async fn policy(&self, tenant: &str) -> Result<api::PolicyDocument, CoreError> {
+        let tenant = TenantId::parse(tenant)?;
+        Ok(self.store.policy(&tenant).await?.document().clone())
+    }
+
+    /// Replaces the tenant's policy.
+    pub async fn put_policy(
+        &self,
+        tenant: &str,
+        doc: api::PolicyDocument,
+    ) -> Result<api::PolicyDocument, CoreError> {
+        let tenant = TenantId::parse(tenant)?;
+        let policy = Policy::new(doc)?;
+        let doc = policy.document().clone();
+        self.store.put_policy(&tenant, policy).await?;
+        self.events.record(&Event {
+            kind: EventKind::PolicyUpdated,
+            at: self.clock.now(),
+            tenant,
+            user_id: None,
+            handle: None,
+            reason: None,
+        });
+        Ok(doc)
+    }
+
+    /// Marks timed-out sessions expired and purges those ended over `retention_s` ago.
+    pub async fn sweep(&self, retention_s: u64) -> Result<SweepReport, CoreError> {
+        let now = self.clock.now();
+        let report = self.store.sweep(now, retention_s).await?;
+        for e in &report.expired {
+            self.events.record(&Event {
+                kind: EventKind::SessionExpired,
+                at: e.at,
+                tenant: e.tenant.clone(),
+                user_id: Some(e.user_id.clone()),
+                handle: Some(e.handle.clone()),
+                reason: None,
+            });
+        }
+        Ok(report)
+    }
+
+    /// Whether the store answers.
+    pub async fn ready(&self) -> Result<(), CoreError> {
+        Ok(self.store.ping().await?)
+    }
+}
+
+/// Whether a session in a listing counts as active (helper for stores).
+pub fn is_active(s: &StoredSession, policy: &Policy, now: Timestamp) -> bool {
+    liveness(&s.record, s.last_seen_at, policy, now) == Liveness::Active
+}
+
+fn validate_reason(reason: &str) -> Result<(), CoreError> {
+    let ok = !reason.is_empty()
+        && reason.len() <= 64
+        && reason
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(CoreError::InvalidRequest(
+            "reason must be 1 to 64 characters of a-z, 0-9 and '_'".into(),
+        ))
+    }
+}
+
+fn encode_cursor(last_seen: Timestamp, handle: &SessionHandle) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}.{}", last_seen.as_millis(), handle.as_str()))
+}
+
+fn decode_cursor(c: &str) -> Result<(Timestamp, SessionHandle), CoreError> {
+    let bad = || CoreError::InvalidRequest("cursor is not one this server issued".into());
+    let raw = URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
+    let text = std::str::from_utf8(&raw).map_err(|_| bad())?;
+    let (ms, handle) = text.split_once('.').ok_or_else(bad)?;
+    let ms: i64 = ms.parse().map_err(|_| bad())?;
+    let handle = SessionHandle::parse(handle).map_err(|_| bad())?;
+    Ok((Timestamp::from_millis(ms), handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let h = SessionHandle::generate().unwrap();
+        let c = encode_cursor(Timestamp::from_millis(42), &h);
+        assert_eq!(decode_cursor(&c).unwrap(), (Timestamp::from_millis(42), h));
+        assert!(decode_cursor("!!").is_err());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("12.nope")).is_err());
+    }
+
+    #[test]
+    fn reasons_are_snake_case() {
+        assert!(validate_reason("admin_action").is_ok());
+        assert!(validate_reason("Bad Reason").is_err());
+        assert!(validate_reason("").is_err());
+    }
+}

@@ -1,0 +1,229 @@
+//! The storage port: [`SessionStore`], the contract every backend fulfils.
+//!
+//! A store keeps session records (keyed by handle and by token hash) and tenant policies. Every
+//! method that changes state is durable before it returns `Ok`, and atomic: two callers racing
+//! cannot leave a user over the session limit or resurrect a revoked session. Stores decide
+//! liveness with the core's rules ([`crate::session::liveness`]) under the tenant's current
+//! policy, so expiry is exact whatever the backend.
+//!
+//! Backend failures are narrowed to [`StoreError`]; the server answers `503 store_unavailable`
+//! for them and never treats an unverifiable session as valid.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use crate::policy::Policy;
+use crate::session::{AuthRecord, SessionRecord, StoredSession};
+use crate::time::Timestamp;
+use crate::token::{SessionHandle, TenantId, TokenHash, UserId};
+
+/// A backend failure. The message is for the server log, never for a client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or is not answering.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered with an error or with data it should not hold.
+    #[error("store error: {0}")]
+    Backend(String),
+}
+
+/// Result of [`SessionStore::insert`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// Stored; these sessions of the same user were revoked (`limit_evicted`) to make room.
+    Inserted {
+        /// The evicted sessions, least recently used first.
+        evicted: Vec<SessionHandle>,
+    },
+    /// The user is at the limit and the policy says `deny`; nothing was stored.
+    LimitReached,
+}
+
+/// Result of [`SessionStore::rotate`].
+#[derive(Debug, Clone)]
+pub enum RotateOutcome {
+    /// The token was replaced.
+    Rotated(StoredSession),
+    /// The session no longer has the expected token, is not active, or is gone: nothing changed.
+    Stale,
+}
+
+/// Result of [`SessionStore::revoke`].
+#[derive(Debug, Clone)]
+pub struct RevokeOutcome {
+    /// The session after the call.
+    pub session: StoredSession,
+    /// True if this call ended it; false if it had already ended (revoked or expired).
+    pub revoked_now: bool,
+}
+
+/// Result of [`SessionStore::update_data`].
+#[derive(Debug, Clone)]
+pub enum DataUpdate {
+    /// Patched.
+    Updated(StoredSession),
+    /// The session is not active; nothing changed.
+    NotActive,
+    /// No such session.
+    NotFound,
+    /// The patched data would exceed the limit; nothing changed.
+    TooLarge {
+        /// The size it would have had.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Which of a user's sessions to list.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// The user.
+    pub user_id: UserId,
+    /// Only this tenant's sessions; all tenants when `None`.
+    pub tenant: Option<TenantId>,
+    /// Include revoked and expired sessions (not yet purged).
+    pub include_ended: bool,
+    /// Start after this `(last_seen_at, handle)` in the order of the listing.
+    pub after: Option<(Timestamp, SessionHandle)>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// A session the sweeper marked expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredSession {
+    /// The session.
+    pub handle: SessionHandle,
+    /// Its user.
+    pub user_id: UserId,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// When it expired.
+    pub at: Timestamp,
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Sessions found timed out and marked expired.
+    pub expired: Vec<ExpiredSession>,
+    /// Ended sessions deleted after the retention period.
+    pub purged: u64,
+}
+
+/// The storage contract. See the module documentation for the guarantees every method gives.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Stores a new session, enforcing the tenant policy's per-user limit atomically: with
+    /// `evict_oldest`, revokes the user's least recently used active sessions until the new one
+    /// fits; with `deny`, stores nothing and answers [`InsertOutcome::LimitReached`].
+    async fn insert(
+        &self,
+        record: SessionRecord,
+        now: Timestamp,
+    ) -> Result<InsertOutcome, StoreError>;
+
+    /// The session whose current token has this hash, whatever its status.
+    async fn find_by_token(&self, hash: &TokenHash) -> Result<Option<StoredSession>, StoreError>;
+
+    /// The session whose current token has this hash, whatever its status, together with its
+    /// tenant's current policy (what [`SessionStore::policy`] answers). The verify path calls
+    /// this; a store that can read both at once overrides it to save a round trip.
+    async fn find_by_token_with_policy(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<(StoredSession, Arc<Policy>)>, StoreError> {
+        let Some(s) = self.find_by_token(hash).await? else {
+            return Ok(None);
+        };
+        let policy = self.policy(&s.record.tenant).await?;
+        Ok(Some((s, policy)))
+    }
+
+    /// The session with this handle, whatever its status.
+    async fn find_by_handle(
+        &self,
+        handle: &SessionHandle,
+    ) -> Result<Option<StoredSession>, StoreError>;
+
+    /// Records a use of the session at `at` (last seen never moves backwards). May be batched:
+    /// a store that defers the write keeps the live value for reads, and after a crash may only
+    /// lose uses, which can make a session expire sooner, never later. `policy` is the tenant's
+    /// current policy, which the caller has just read to decide the session is live (a store
+    /// uses it to decide how soon the use must be written, and for TTLs), so the hot path
+    /// does not read it twice.
+    async fn touch(
+        &self,
+        session: &StoredSession,
+        policy: &Policy,
+        at: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// Replaces the token of an active session whose current token hash is `expected`, marks it
+    /// seen at `now`, and records a fresh authentication if `auth` is given. The old token stops
+    /// working at once.
+    async fn rotate(
+        &self,
+        handle: &SessionHandle,
+        expected: &TokenHash,
+        new_hash: TokenHash,
+        auth: Option<AuthRecord>,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError>;
+
+    /// Revokes the session if it is active; idempotent. `None` if there is no such session.
+    async fn revoke(
+        &self,
+        handle: &SessionHandle,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Option<RevokeOutcome>, StoreError>;
+
+    /// Revokes every active session of the user (in `tenant`, or in every tenant), except
+    /// `except`, atomically. Returns the revoked handles.
+    async fn revoke_user(
+        &self,
+        user_id: &UserId,
+        tenant: Option<&TenantId>,
+        except: Option<&SessionHandle>,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Vec<SessionHandle>, StoreError>;
+
+    /// Applies a JSON merge patch to an active session's data, atomically, if the result fits
+    /// in `limit` bytes.
+    async fn update_data(
+        &self,
+        handle: &SessionHandle,
+        patch: &Map<String, Value>,
+        limit: usize,
+        now: Timestamp,
+    ) -> Result<DataUpdate, StoreError>;
+
+    /// A user's sessions, most recently seen first (ties by handle, descending).
+    async fn list_user(
+        &self,
+        query: &ListQuery,
+        now: Timestamp,
+    ) -> Result<Vec<StoredSession>, StoreError>;
+
+    /// The tenant's policy: the stored one, or the store's default.
+    async fn policy(&self, tenant: &TenantId) -> Result<Arc<Policy>, StoreError>;
+
+    /// Replaces the tenant's policy.
+    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError>;
+
+    /// Marks timed-out sessions expired, and deletes sessions that ended more than
+    /// `retention_s` seconds before `now`.
+    async fn sweep(&self, now: Timestamp, retention_s: u64) -> Result<SweepReport, StoreError>;
+
+    /// Makes deferred writes (batched last-seen times) durable.
+    async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Checks that the backend answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,690 @@
+//! The store contract as executable tests, run against every backend.
+//!
+//! A backend's test file implements [`StoreFactory`] and instantiates every case with
+//! [`conformance_suite!`](crate::conformance_suite). Each case gets a factory of its own, so
+//! cases never share data.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value, json};
+use sessiond_core::api::{OnLimit, PolicyDocument};
+use sessiond_core::policy::Policy;
+use sessiond_core::session::{AuthRecord, DeviceRecord, SessionRecord, StoredState};
+use sessiond_core::store::{DataUpdate, InsertOutcome, ListQuery, RotateOutcome, SessionStore};
+use sessiond_core::time::Timestamp;
+use sessiond_core::token::{SessionHandle, TenantId, TokenFormat, TokenHash, UserId};
+
+/// Opens stores on one namespace (a directory, a database schema, a key prefix).
+#[async_trait]
+pub trait StoreFactory: Send + Sync {
+    /// Opens the namespace: empty the first time, with everything acknowledged so far after.
+    /// A previous store from this factory may still be open (as after a crash of its process).
+    async fn open(&self) -> Arc<dyn SessionStore>;
+}
+
+/// Start of time in the cases.
+pub const T0: i64 = 1_700_000_000_000;
+
+pub fn t(secs: i64) -> Timestamp {
+    Timestamp::from_millis(T0 + secs * 1000)
+}
+
+pub fn record(user: &str, tenant: &str, at: Timestamp) -> (SessionRecord, TokenHash) {
+    let (_, hash) = TokenFormat::default().generate().unwrap();
+    let rec = SessionRecord {
+        handle: SessionHandle::generate().unwrap(),
+        token_hash: hash,
+        user_id: UserId::parse(user).unwrap(),
+        tenant: TenantId::parse(tenant).unwrap(),
+        created_at: at,
+        last_seen_at: at,
+        remember_me: false,
+        auth: AuthRecord {
+            method: "password".into(),
+            aal: 1,
+            authenticated_at: at,
+        },
+        device: DeviceRecord {
+            ip: Some("203.0.113.7".parse().unwrap()),
+            user_agent: Some("Mozilla/5.0 Firefox/128.0".into()),
+            browser: Some("Firefox".into()),
+            os: Some("Linux".into()),
+        },
+        data: r#"{"cart":1}"#.into(),
+        state: StoredState::Active,
+    };
+    (rec, hash)
+}
+
+async fn insert(s: &dyn SessionStore, rec: &SessionRecord, now: Timestamp) -> Vec<SessionHandle> {
+    match s.insert(rec.clone(), now).await.unwrap() {
+        InsertOutcome::Inserted { evicted } => evicted,
+        InsertOutcome::LimitReached => panic!("unexpected limit"),
+    }
+}
+
+fn policy(f: impl FnOnce(&mut PolicyDocument)) -> Policy {
+    let mut d = PolicyDocument::default();
+    f(&mut d);
+    Policy::new(d).unwrap()
+}
+
+fn tenant(s: &str) -> TenantId {
+    TenantId::parse(s).unwrap()
+}
+
+pub async fn insert_and_find(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (rec, hash) = record("alice", "default", t(0));
+    assert!(insert(&*s, &rec, t(0)).await.is_empty());
+    let by_token = s
+        .find_by_token(&hash)
+        .await
+        .unwrap()
+        .expect("found by token");
+    assert_eq!(*by_token.record, rec);
+    let by_handle = s
+        .find_by_handle(&rec.handle)
+        .await
+        .unwrap()
+        .expect("found by handle");
+    assert_eq!(*by_handle.record, rec);
+    let (other, _) = record("alice", "default", t(0));
+    assert!(s.find_by_token(&other.token_hash).await.unwrap().is_none());
+    assert!(s.find_by_handle(&other.handle).await.unwrap().is_none());
+}
+
+pub async fn acknowledged_writes_survive_reopen(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (a, ha) = record("bob", "default", t(0));
+    let (b, hb) = record("bob", "default", t(0));
+    insert(&*s, &a, t(0)).await;
+    insert(&*s, &b, t(0)).await;
+    s.revoke(&b.handle, "logout", t(1)).await.unwrap().unwrap();
+    s.put_policy(&tenant("acme"), policy(|d| d.idle_timeout_s = 77))
+        .await
+        .unwrap();
+    let s2 = f.open().await;
+    assert_eq!(*s2.find_by_token(&ha).await.unwrap().unwrap().record, a);
+    let rb = s2.find_by_token(&hb).await.unwrap().unwrap();
+    assert!(
+        matches!(&rb.record.state, StoredState::Revoked { reason, .. } if &**reason == "logout")
+    );
+    assert_eq!(
+        s2.policy(&tenant("acme"))
+            .await
+            .unwrap()
+            .document()
+            .idle_timeout_s,
+        77
+    );
+}
+
+pub async fn rotate_replaces_the_token(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (rec, old) = record("carol", "default", t(0));
+    insert(&*s, &rec, t(0)).await;
+    let (_, new) = TokenFormat::default().generate().unwrap();
+    let auth = AuthRecord {
+        method: "webauthn".into(),
+        aal: 2,
+        authenticated_at: t(5),
+    };
+    let out = s
+        .rotate(&rec.handle, &old, new, Some(auth.clone()), t(5))
+        .await
+        .unwrap();
+    let RotateOutcome::Rotated(r) = out else {
+        panic!("not rotated")
+    };
+    assert_eq!(r.record.auth, auth);
+    assert!(
+        s.find_by_token(&old).await.unwrap().is_none(),
+        "old token is dead at once"
+    );
+    let found = s.find_by_token(&new).await.unwrap().unwrap();
+    assert_eq!(found.record.handle, rec.handle);
+    assert_eq!(found.last_seen_at, t(5));
+    // A second rotation presenting the old token loses.
+    let (_, newer) = TokenFormat::default().generate().unwrap();
+    assert!(matches!(
+        s.rotate(&rec.handle, &old, newer, None, t(6))
+            .await
+            .unwrap(),
+        RotateOutcome::Stale
+    ));
+    // Survives reopen.
+    let s2 = f.open().await;
+    assert!(s2.find_by_token(&old).await.unwrap().is_none());
+    assert_eq!(
+        s2.find_by_token(&new)
+            .await
+            .unwrap()
+            .unwrap()
+            .record
+            .auth
+            .aal,
+        2
+    );
+}
+
+pub async fn rotate_refuses_ended_sessions(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (rec, old) = record("dave", "default", t(0));
+    insert(&*s, &rec, t(0)).await;
+    s.revoke(&rec.handle, "revoked", t(1)).await.unwrap();
+    let (_, new) = TokenFormat::default().generate().unwrap();
+    assert!(matches!(
+        s.rotate(&rec.handle, &old, new, None, t(2)).await.unwrap(),
+        RotateOutcome::Stale
+    ));
+    // Expired by idle timeout (default policy: 1800 s).
+    let (rec, old) = record("dave", "default", t(0));
+    insert(&*s, &rec, t(0)).await;
+    assert!(matches!(
+        s.rotate(&rec.handle, &old, new, None, t(1800))
+            .await
+            .unwrap(),
+        RotateOutcome::Stale
+    ));
+}
+
+pub async fn revoke_is_idempotent(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (rec, _) = record("erin", "default", t(0));
+    insert(&*s, &rec, t(0)).await;
+    let first = s
+        .revoke(&rec.handle, "revoked", t(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.revoked_now);
+    let second = s
+        .revoke(&rec.handle, "logout", t(2))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!second.revoked_now);
+    assert!(
+        matches!(&second.session.record.state, StoredState::Revoked { reason, at } if &**reason == "revoked" && *at == t(1)),
+        "the first revocation's reason and time stay"
+    );
+    let (unknown, _) = record("erin", "default", t(0));
+    assert!(
+        s.revoke(&unknown.handle, "revoked", t(1))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub async fn revoke_user_spares_the_exception_and_other_users(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let mine: Vec<_> = (0..4).map(|_| record("frank", "default", t(0)).0).collect();
+    let other_tenant = record("frank", "acme", t(0)).0;
+    let someone_else = record("grace", "default", t(0)).0;
+    for r in mine.iter().chain([&other_tenant, &someone_else]) {
+        insert(&*s, r, t(0)).await;
+    }
+    s.revoke(&mine[3].handle, "logout", t(1)).await.unwrap();
+    let revoked = s
+        .revoke_user(
+            &mine[0].user_id,
+            Some(&tenant("default")),
+            Some(&mine[0].handle),
+            "force_logout",
+            t(2),
+        )
+        .await
+        .unwrap();
+    let mut want = vec![mine[1].handle.clone(), mine[2].handle.clone()];
+    let mut got = revoked.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "only the active ones, not the exception");
+    assert!(matches!(
+        s.find_by_handle(&mine[0].handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .record
+            .state,
+        StoredState::Active
+    ));
+    assert!(matches!(
+        &s.find_by_handle(&mine[1].handle).await.unwrap().unwrap().record.state,
+        StoredState::Revoked { reason, .. } if &**reason == "force_logout"
+    ));
+    assert!(matches!(
+        s.find_by_handle(&other_tenant.handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .record
+            .state,
+        StoredState::Active
+    ));
+    assert!(matches!(
+        s.find_by_handle(&someone_else.handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .record
+            .state,
+        StoredState::Active
+    ));
+    // Without a tenant: every tenant.
+    let all = s
+        .revoke_user(&mine[0].user_id, None, None, "force_logout", t(3))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+}
+
+pub async fn limit_evicts_least_recently_used(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    s.put_policy(
+        &tenant("lim"),
+        policy(|d| d.max_sessions_per_user = Some(2)),
+    )
+    .await
+    .unwrap();
+    let (a, _) = record("heidi", "lim", t(0));
+    let (b, _) = record("heidi", "lim", t(1));
+    insert(&*s, &a, t(0)).await;
+    insert(&*s, &b, t(1)).await;
+    // a is used after b, so b is the least recently used.
+    let sa = s.find_by_handle(&a.handle).await.unwrap().unwrap();
+    let p = s.policy(&tenant("lim")).await.unwrap();
+    s.touch(&sa, &p, t(5)).await.unwrap();
+    let (c, _) = record("heidi", "lim", t(6));
+    let evicted = insert(&*s, &c, t(6)).await;
+    assert_eq!(evicted, vec![b.handle.clone()]);
+    assert!(matches!(
+        &s.find_by_handle(&b.handle).await.unwrap().unwrap().record.state,
+        StoredState::Revoked { reason, .. } if &**reason == "limit_evicted"
+    ));
+    // Other tenants do not count towards this tenant's limit.
+    let (x, _) = record("heidi", "default", t(6));
+    assert!(insert(&*s, &x, t(6)).await.is_empty());
+}
+
+pub async fn limit_deny_refuses(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    s.put_policy(
+        &tenant("deny"),
+        policy(|d| {
+            d.max_sessions_per_user = Some(1);
+            d.on_limit = OnLimit::Deny;
+        }),
+    )
+    .await
+    .unwrap();
+    let (a, _) = record("ivan", "deny", t(0));
+    insert(&*s, &a, t(0)).await;
+    let (b, hb) = record("ivan", "deny", t(1));
+    assert_eq!(
+        s.insert(b, t(1)).await.unwrap(),
+        InsertOutcome::LimitReached
+    );
+    assert!(
+        s.find_by_token(&hb).await.unwrap().is_none(),
+        "nothing stored"
+    );
+    // Expired sessions do not count: after the idle timeout there is room again.
+    let (c, _) = record("ivan", "deny", t(1800));
+    assert!(insert(&*s, &c, t(1800)).await.is_empty());
+}
+
+pub async fn limit_holds_under_concurrent_creates(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    s.put_policy(
+        &tenant("race"),
+        policy(|d| {
+            d.max_sessions_per_user = Some(3);
+            d.on_limit = OnLimit::Deny;
+        }),
+    )
+    .await
+    .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let (r, _) = record("judy", "race", t(0));
+            s.insert(r, t(0)).await.unwrap()
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        if matches!(task.await.unwrap(), InsertOutcome::Inserted { .. }) {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3, "exactly the limit got in");
+    let q = ListQuery {
+        user_id: UserId::parse("judy").unwrap(),
+        tenant: None,
+        include_ended: true,
+        after: None,
+        limit: 100,
+    };
+    assert_eq!(s.list_user(&q, t(0)).await.unwrap().len(), 3);
+}
+
+pub async fn evict_oldest_holds_under_concurrent_creates(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    s.put_policy(
+        &tenant("race2"),
+        policy(|d| d.max_sessions_per_user = Some(2)),
+    )
+    .await
+    .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let (r, _) = record("kim", "race2", t(i));
+            s.insert(r, t(i)).await.unwrap()
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let q = ListQuery {
+        user_id: UserId::parse("kim").unwrap(),
+        tenant: Some(tenant("race2")),
+        include_ended: false,
+        after: None,
+        limit: 100,
+    };
+    assert_eq!(
+        s.list_user(&q, t(20)).await.unwrap().len(),
+        2,
+        "never over the limit"
+    );
+}
+
+pub async fn update_data_merges_and_checks(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (rec, _) = record("ken", "default", t(0));
+    insert(&*s, &rec, t(0)).await;
+    let patch: Map<String, Value> =
+        serde_json::from_value(json!({"theme": "dark", "cart": null})).unwrap();
+    let DataUpdate::Updated(u) = s
+        .update_data(&rec.handle, &patch, 1000, t(1))
+        .await
+        .unwrap()
+    else {
+        panic!("not updated")
+    };
+    assert_eq!(
+        serde_json::from_str::<Value>(&u.record.data).unwrap(),
+        json!({"theme": "dark"})
+    );
+    let big: Map<String, Value> = serde_json::from_value(json!({"blob": "x".repeat(100)})).unwrap();
+    assert!(matches!(
+        s.update_data(&rec.handle, &big, 50, t(1)).await.unwrap(),
+        DataUpdate::TooLarge { limit: 50, .. }
+    ));
+    let again = s.find_by_handle(&rec.handle).await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&again.record.data).unwrap(),
+        json!({"theme": "dark"})
+    );
+    s.revoke(&rec.handle, "logout", t(2)).await.unwrap();
+    assert!(matches!(
+        s.update_data(&rec.handle, &patch, 1000, t(3))
+            .await
+            .unwrap(),
+        DataUpdate::NotActive
+    ));
+    let (unknown, _) = record("ken", "default", t(0));
+    assert!(matches!(
+        s.update_data(&unknown.handle, &patch, 1000, t(3))
+            .await
+            .unwrap(),
+        DataUpdate::NotFound
+    ));
+    let s2 = f.open().await;
+    let reopened = s2.find_by_handle(&rec.handle).await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&reopened.record.data).unwrap(),
+        json!({"theme": "dark"})
+    );
+}
+
+pub async fn list_orders_filters_and_pages(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let recs: Vec<_> = (0..5)
+        .map(|i| record("liz", if i == 4 { "acme" } else { "default" }, t(i)).0)
+        .collect();
+    for (i, r) in recs.iter().enumerate() {
+        insert(&*s, r, t(i as i64)).await;
+    }
+    s.revoke(&recs[1].handle, "logout", t(10)).await.unwrap();
+    let user = UserId::parse("liz").unwrap();
+    let q = |include_ended, tenant: Option<&str>, after, limit| ListQuery {
+        user_id: user.clone(),
+        tenant: tenant.map(|x| TenantId::parse(x).unwrap()),
+        include_ended,
+        after,
+        limit,
+    };
+    let active = s
+        .list_user(&q(false, None, None, 100), t(11))
+        .await
+        .unwrap();
+    let hs: Vec<_> = active.iter().map(|s| s.record.handle.clone()).collect();
+    assert_eq!(
+        hs,
+        vec![
+            recs[4].handle.clone(),
+            recs[3].handle.clone(),
+            recs[2].handle.clone(),
+            recs[0].handle.clone()
+        ]
+    );
+    let all = s
+        .list_user(&q(true, Some("default"), None, 100), t(11))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 4);
+    let page1 = s.list_user(&q(true, None, None, 2), t(11)).await.unwrap();
+    assert_eq!(page1.len(), 2);
+    let last = page1.last().unwrap();
+    let page2 = s
+        .list_user(
+            &q(
+                true,
+                None,
+                Some((last.last_seen_at, last.record.handle.clone())),
+                10,
+            ),
+            t(11),
+        )
+        .await
+        .unwrap();
+    assert_eq!(page2.len(), 3);
+    assert!(
+        page2
+            .iter()
+            .all(|p| page1.iter().all(|q| q.record.handle != p.record.handle))
+    );
+    let nobody = s
+        .list_user(
+            &ListQuery {
+                user_id: UserId::parse("nobody").unwrap(),
+                ..q(true, None, None, 10)
+            },
+            t(11),
+        )
+        .await
+        .unwrap();
+    assert!(nobody.is_empty());
+}
+
+pub async fn policies_default_and_replace(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    assert_eq!(
+        *s.policy(&tenant("fresh")).await.unwrap(),
+        Policy::default()
+    );
+    let p = policy(|d| {
+        d.idle_timeout_s = 60;
+        d.absolute_timeout_s = 120;
+    });
+    s.put_policy(&tenant("fresh"), p.clone()).await.unwrap();
+    assert_eq!(*s.policy(&tenant("fresh")).await.unwrap(), p);
+    assert_eq!(
+        *s.policy(&tenant("other")).await.unwrap(),
+        Policy::default()
+    );
+}
+
+pub async fn find_with_policy_follows_policy_changes(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (rec, hash) = record("olga", "pol", t(0));
+    insert(&*s, &rec, t(0)).await;
+    let (found, p) = s.find_by_token_with_policy(&hash).await.unwrap().unwrap();
+    assert_eq!(found.record.handle, rec.handle);
+    assert_eq!(*p, Policy::default(), "no stored policy: the default");
+    for idle in [60, 61, 60] {
+        let stored = policy(|d| {
+            d.idle_timeout_s = idle;
+            d.absolute_timeout_s = 120;
+        });
+        s.put_policy(&tenant("pol"), stored.clone()).await.unwrap();
+        let (_, p) = s.find_by_token_with_policy(&hash).await.unwrap().unwrap();
+        assert_eq!(*p, stored, "every change is seen at the next lookup");
+    }
+    let (_, unknown) = TokenFormat::default().generate().unwrap();
+    assert!(
+        s.find_by_token_with_policy(&unknown)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub async fn touch_slides_and_is_written_back(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (rec, hash) = record("mia", "default", t(0));
+    insert(&*s, &rec, t(0)).await;
+    let found = s.find_by_token(&hash).await.unwrap().unwrap();
+    let p = s.policy(&tenant("default")).await.unwrap();
+    s.touch(&found, &p, t(100)).await.unwrap();
+    s.touch(&found, &p, t(50)).await.unwrap();
+    assert_eq!(
+        s.find_by_token(&hash).await.unwrap().unwrap().last_seen_at,
+        t(100),
+        "never backwards"
+    );
+    s.flush().await.unwrap();
+    let s2 = f.open().await;
+    assert_eq!(
+        s2.find_by_token(&hash).await.unwrap().unwrap().last_seen_at,
+        t(100)
+    );
+}
+
+pub async fn sweep_expires_then_purges(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    s.put_policy(
+        &tenant("short"),
+        policy(|d| {
+            d.idle_timeout_s = 10;
+            d.absolute_timeout_s = 100;
+        }),
+    )
+    .await
+    .unwrap();
+    let (idle, _) = record("nina", "short", t(0));
+    let (live, hl) = record("nina", "short", t(0));
+    let (revoked, _) = record("nina", "short", t(0));
+    for r in [&idle, &live, &revoked] {
+        insert(&*s, r, t(0)).await;
+    }
+    let l = s.find_by_token(&hl).await.unwrap().unwrap();
+    let p = s.policy(&tenant("short")).await.unwrap();
+    s.touch(&l, &p, t(8)).await.unwrap();
+    s.revoke(&revoked.handle, "logout", t(1)).await.unwrap();
+    let report = s.sweep(t(12), 3600).await.unwrap();
+    assert_eq!(report.expired.len(), 1);
+    assert_eq!(report.expired[0].handle, idle.handle);
+    assert_eq!(report.expired[0].at, t(10));
+    assert_eq!(report.purged, 0);
+    assert!(matches!(
+        s.find_by_handle(&idle.handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .record
+            .state,
+        StoredState::Expired { .. }
+    ));
+    assert!(matches!(
+        s.find_by_handle(&live.handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .record
+            .state,
+        StoredState::Active
+    ));
+    // After the retention, ended sessions are purged; the live one (until 18 s) is now expired too.
+    let report = s.sweep(t(12 + 3600), 3600).await.unwrap();
+    assert_eq!(report.expired.len(), 1);
+    assert_eq!(report.purged, 2);
+    assert!(s.find_by_handle(&idle.handle).await.unwrap().is_none());
+    assert!(s.find_by_handle(&revoked.handle).await.unwrap().is_none());
+    let s2 = f.open().await;
+    assert!(
+        s2.find_by_handle(&idle.handle).await.unwrap().is_none(),
+        "purge is durable"
+    );
+    assert!(s2.find_by_handle(&live.handle).await.unwrap().is_some());
+}
+
+pub async fn ping_answers(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    s.ping().await.unwrap();
+}
+
+/// Instantiates every conformance case as a `#[tokio::test]` for a backend.
+/// `$factory` is an expression that makes a fresh [`StoreFactory`].
+#[macro_export]
+macro_rules! conformance_suite {
+    ($factory:expr) => {
+        $crate::conformance_suite!(@cases $factory;
+            insert_and_find,
+            acknowledged_writes_survive_reopen,
+            rotate_replaces_the_token,
+            rotate_refuses_ended_sessions,
+            revoke_is_idempotent,
+            revoke_user_spares_the_exception_and_other_users,
+            limit_evicts_least_recently_used,
+            limit_deny_refuses,
+            limit_holds_under_concurrent_creates,
+            evict_oldest_holds_under_concurrent_creates,
+            update_data_merges_and_checks,
+            list_orders_filters_and_pages,
+            policies_default_and_replace,
+            find_with_policy_follows_policy_changes,
+            touch_slides_and_is_written_back,
+            sweep_expires_then_purges,
+            ping_answers
+        );
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let factory = $factory;
+                $crate::conformance::$case(&factory).await;
+            }
+        )*
+    };
+}

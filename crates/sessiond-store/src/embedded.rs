@@ -1,0 +1,1296 @@
+//! The embedded store: SQLite in WAL mode for durability, a complete in-memory index for reads.
+//!
+//! - **Reads** (verify, get, list) are served from memory: every session not yet purged is held
+//!   in two concurrent maps (by token hash and by handle) plus a per-user index. No read touches
+//!   the disk.
+//! - **Writes** go through one writer thread that owns the SQLite connection. It drains every
+//!   command waiting in its queue, applies them in one transaction, commits (`synchronous=FULL`:
+//!   the WAL is fsynced) and only then answers the callers: group commit, so a burst of creates
+//!   costs one fsync, and every acknowledged change survives `kill -9` and power loss.
+//!   Commands in a batch apply in order, so a later one sees the earlier ones (per-user limits
+//!   stay exact under any concurrency).
+//! - **Last seen** is kept live in memory (exact idle expiry) and written back in batches every
+//!   `flush_interval`. A crash can lose at most that much of a session's recent use, which can
+//!   only make it expire sooner.
+//! - If a commit fails, the batch's callers get an error and the memory index is rebuilt from
+//!   the database before anything else is served; meanwhile reads answer `Unavailable`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+use rusqlite::{Connection, params};
+use serde_json::{Map, Value};
+use sessiond_core::policy::Policy;
+use sessiond_core::session::{
+    self, AuthRecord, Liveness, SessionRecord, StoredSession, StoredState,
+};
+use sessiond_core::store::{
+    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, RevokeOutcome, RotateOutcome,
+    SessionStore, StoreError, SweepReport,
+};
+use sessiond_core::time::Timestamp;
+use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
+use tokio::sync::oneshot;
+
+use crate::row::Row;
+
+/// Name of the database file in the data directory.
+pub const DB_FILE: &str = "sessiond.db";
+/// Uses closer together than this are not written back again.
+const TOUCH_GRANULARITY_MS: i64 = 1000;
+/// Most commands in one transaction.
+const MAX_BATCH: usize = 1024;
+/// Most sessions one sweep expires or purges (the sweeper repeats while there is more).
+const SWEEP_CHUNK: usize = 10_000;
+
+/// Options of the embedded store.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    /// The policy of tenants that have none stored.
+    pub default_policy: Policy,
+    /// How often batched last-seen times are written back.
+    pub flush_interval: Duration,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        Self {
+            default_policy: Policy::default(),
+            flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One session in memory. The entry is stable for the life of the session; its record is
+/// replaced on every change.
+#[derive(Debug)]
+struct Entry {
+    record: RwLock<Arc<SessionRecord>>,
+    /// Live last use (ms).
+    last_seen: AtomicI64,
+    /// Last use written to disk (ms).
+    persisted: AtomicI64,
+    /// Queued for write-back.
+    dirty: AtomicBool,
+}
+
+impl Entry {
+    fn new(rec: SessionRecord) -> Arc<Self> {
+        let ls = rec.last_seen_at.as_millis();
+        Arc::new(Self {
+            record: RwLock::new(Arc::new(rec)),
+            last_seen: AtomicI64::new(ls),
+            persisted: AtomicI64::new(ls),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    fn snapshot(&self) -> StoredSession {
+        let record = self.record.read().clone();
+        let live = Timestamp::from_millis(self.last_seen.load(Ordering::Acquire));
+        StoredSession {
+            last_seen_at: live.max(record.last_seen_at),
+            record,
+        }
+    }
+}
+
+/// State shared by the async front and the writer thread.
+#[derive(Debug)]
+struct Shared {
+    by_token: DashMap<TokenHash, Arc<Entry>>,
+    by_handle: DashMap<SessionHandle, Arc<Entry>>,
+    by_user: DashMap<UserId, Vec<SessionHandle>>,
+    policies: RwLock<HashMap<TenantId, Arc<Policy>>>,
+    default_policy: Arc<Policy>,
+    dirty: Mutex<Vec<Arc<Entry>>>,
+    /// False while the index is being rebuilt after a failed commit, or after the writer died.
+    healthy: AtomicBool,
+}
+
+impl Shared {
+    fn policy_for(&self, tenant: &TenantId) -> Arc<Policy> {
+        self.policies
+            .read()
+            .get(tenant)
+            .cloned()
+            .unwrap_or_else(|| self.default_policy.clone())
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.healthy.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "embedded store is recovering".into(),
+            ))
+        }
+    }
+
+    fn index(&self, rec: SessionRecord) {
+        let entry = Entry::new(rec);
+        let rec = entry.record.read().clone();
+        self.by_token.insert(rec.token_hash, entry.clone());
+        self.by_handle.insert(rec.handle.clone(), entry);
+        self.by_user
+            .entry(rec.user_id.clone())
+            .or_default()
+            .push(rec.handle.clone());
+    }
+
+    fn unindex(&self, handle: &SessionHandle) {
+        if let Some((_, entry)) = self.by_handle.remove(handle) {
+            let rec = entry.record.read().clone();
+            self.by_token
+                .remove_if(&rec.token_hash, |_, e| Arc::ptr_eq(e, &entry));
+            let empty = match self.by_user.get_mut(&rec.user_id) {
+                Some(mut v) => {
+                    v.retain(|h| h != handle);
+                    v.is_empty()
+                }
+                None => false,
+            };
+            if empty {
+                self.by_user.remove_if(&rec.user_id, |_, v| v.is_empty());
+            }
+        }
+    }
+
+    fn clear(&self) {
+        self.by_token.clear();
+        self.by_handle.clear();
+        self.by_user.clear();
+        self.dirty.lock().clear();
+    }
+
+    fn user_entries(&self, user: &UserId) -> Vec<Arc<Entry>> {
+        let handles = self
+            .by_user
+            .get(user)
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        handles
+            .iter()
+            .filter_map(|h| self.by_handle.get(h).map(|e| e.clone()))
+            .collect()
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Cmd {
+    Insert {
+        rec: Box<SessionRecord>,
+        now: Timestamp,
+        reply: Reply<InsertOutcome>,
+    },
+    Rotate {
+        handle: SessionHandle,
+        expected: TokenHash,
+        new_hash: TokenHash,
+        auth: Option<AuthRecord>,
+        now: Timestamp,
+        reply: Reply<RotateOutcome>,
+    },
+    Revoke {
+        handle: SessionHandle,
+        reason: Arc<str>,
+        now: Timestamp,
+        reply: Reply<Option<RevokeOutcome>>,
+    },
+    RevokeUser {
+        user: UserId,
+        tenant: Option<TenantId>,
+        except: Option<SessionHandle>,
+        reason: Arc<str>,
+        now: Timestamp,
+        reply: Reply<Vec<SessionHandle>>,
+    },
+    UpdateData {
+        handle: SessionHandle,
+        patch: Map<String, Value>,
+        limit: usize,
+        now: Timestamp,
+        reply: Reply<DataUpdate>,
+    },
+    PutPolicy {
+        tenant: TenantId,
+        policy: Policy,
+        reply: Reply<()>,
+    },
+    Sweep {
+        now: Timestamp,
+        to_expire: Vec<(SessionHandle, Timestamp)>,
+        to_purge: Vec<SessionHandle>,
+        reply: Reply<SweepReport>,
+    },
+    Flush {
+        reply: Reply<()>,
+    },
+    Ping {
+        reply: Reply<()>,
+    },
+}
+
+/// A staged memory change, applied once the transaction committed.
+enum Effect {
+    Index(SessionRecord),
+    Replace(Arc<Entry>, SessionRecord),
+    Rekey {
+        entry: Arc<Entry>,
+        old: TokenHash,
+        rec: SessionRecord,
+    },
+    Unindex(SessionHandle),
+    Policy(TenantId, Arc<Policy>),
+    Persisted(Arc<Entry>, i64),
+}
+
+/// An answer waiting for the commit.
+enum Pending {
+    Insert(Reply<InsertOutcome>, Result<InsertOutcome, StoreError>),
+    Rotate(Reply<RotateOutcome>, Result<RotateOutcome, StoreError>),
+    Revoke(
+        Reply<Option<RevokeOutcome>>,
+        Result<Option<RevokeOutcome>, StoreError>,
+    ),
+    RevokeUser(
+        Reply<Vec<SessionHandle>>,
+        Result<Vec<SessionHandle>, StoreError>,
+    ),
+    Data(Reply<DataUpdate>, Result<DataUpdate, StoreError>),
+    Unit(Reply<()>, Result<(), StoreError>),
+    Sweep(Reply<SweepReport>, Result<SweepReport, StoreError>),
+}
+
+impl Pending {
+    fn send(self, fail: Option<&StoreError>) {
+        macro_rules! go {
+            ($tx:expr, $r:expr) => {{
+                let _ = $tx.send(match fail {
+                    Some(e) => Err(e.clone()),
+                    None => $r,
+                });
+            }};
+        }
+        match self {
+            Pending::Insert(tx, r) => go!(tx, r),
+            Pending::Rotate(tx, r) => go!(tx, r),
+            Pending::Revoke(tx, r) => go!(tx, r),
+            Pending::RevokeUser(tx, r) => go!(tx, r),
+            Pending::Data(tx, r) => go!(tx, r),
+            Pending::Unit(tx, r) => go!(tx, r),
+            Pending::Sweep(tx, r) => go!(tx, r),
+        }
+    }
+}
+
+/// The embedded store. Cheap to clone; all clones share one database and index.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Cmd>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions (
+    handle           TEXT PRIMARY KEY,
+    token_hash       BLOB NOT NULL,
+    user_id          TEXT NOT NULL,
+    tenant           TEXT NOT NULL,
+    created_at       INTEGER NOT NULL,
+    last_seen_at     INTEGER NOT NULL,
+    remember_me      INTEGER NOT NULL,
+    auth_method      TEXT NOT NULL,
+    auth_aal         INTEGER NOT NULL,
+    authenticated_at INTEGER NOT NULL,
+    ip               TEXT,
+    user_agent       TEXT,
+    browser          TEXT,
+    os               TEXT,
+    data             TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    revoked_reason   TEXT,
+    ended_at         INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_ended ON sessions(ended_at) WHERE ended_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS policies (
+    tenant   TEXT PRIMARY KEY,
+    document TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+/// The columns of `sessions`, in the order of [`Row`]'s fields.
+pub(crate) const COLUMNS: &str = "handle, token_hash, user_id, tenant, created_at, last_seen_at, \
+    remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os, data, \
+    state, revoked_reason, ended_at";
+
+/// The schema version this build writes.
+const SCHEMA_VERSION: i64 = 1;
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(backend)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(backend)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(backend)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Backend(format!(
+            "database schema version {version} is newer than this sessiond supports ({SCHEMA_VERSION})"
+        )));
+    }
+    conn.execute_batch(SCHEMA).map_err(backend)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(backend)?;
+    Ok(conn)
+}
+
+fn load(conn: &Connection, shared: &Shared) -> Result<usize, StoreError> {
+    shared.clear();
+    let mut policies = HashMap::new();
+    {
+        let mut stmt = conn
+            .prepare("SELECT tenant, document FROM policies")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(backend)?;
+        for row in rows {
+            let (tenant, doc) = row.map_err(backend)?;
+            let tenant = TenantId::parse(&tenant).map_err(backend)?;
+            let doc = serde_json::from_str(&doc).map_err(backend)?;
+            policies.insert(tenant, Arc::new(Policy::new(doc).map_err(backend)?));
+        }
+    }
+    *shared.policies.write() = policies;
+    let mut stmt = conn
+        .prepare(&format!("SELECT {COLUMNS} FROM sessions"))
+        .map_err(backend)?;
+    let mut rows = stmt.query([]).map_err(backend)?;
+    let mut n = 0;
+    let mut interned: HashSet<Arc<str>> = HashSet::new();
+    let mut intern = |s: String| -> Arc<str> {
+        if let Some(a) = interned.get(s.as_str()) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        interned.insert(a.clone());
+        a
+    };
+    while let Some(r) = rows.next().map_err(backend)? {
+        let row = Row {
+            handle: r.get(0).map_err(backend)?,
+            token_hash: r.get(1).map_err(backend)?,
+            user_id: r.get(2).map_err(backend)?,
+            tenant: r.get(3).map_err(backend)?,
+            created_at: r.get(4).map_err(backend)?,
+            last_seen_at: r.get(5).map_err(backend)?,
+            remember_me: r.get(6).map_err(backend)?,
+            auth_method: r.get(7).map_err(backend)?,
+            auth_aal: r.get(8).map_err(backend)?,
+            authenticated_at: r.get(9).map_err(backend)?,
+            ip: r.get(10).map_err(backend)?,
+            user_agent: r.get(11).map_err(backend)?,
+            browser: r.get(12).map_err(backend)?,
+            os: r.get(13).map_err(backend)?,
+            data: r.get(14).map_err(backend)?,
+            state: r.get(15).map_err(backend)?,
+            revoked_reason: r.get(16).map_err(backend)?,
+            ended_at: r.get(17).map_err(backend)?,
+        };
+        shared.index(row.into_record(&mut intern)?);
+        n += 1;
+    }
+    Ok(n)
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `dir`, loads it into memory and starts the writer.
+    pub fn open(dir: &Path, opts: EmbeddedOptions) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(DB_FILE);
+        let conn = open_connection(&path)?;
+        let shared = Arc::new(Shared {
+            by_token: DashMap::new(),
+            by_handle: DashMap::new(),
+            by_user: DashMap::new(),
+            policies: RwLock::new(HashMap::new()),
+            default_policy: Arc::new(opts.default_policy),
+            dirty: Mutex::new(Vec::new()),
+            healthy: AtomicBool::new(true),
+        });
+        let n = load(&conn, &shared)?;
+        tracing::info!(sessions = n, path = %path.display(), "embedded store loaded");
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            shared: shared.clone(),
+            flush_interval: opts.flush_interval,
+        };
+        std::thread::Builder::new()
+            .name("sessiond-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self { shared, tx, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many sessions (of any status, not yet purged) are held.
+    pub fn len(&self) -> usize {
+        self.shared.by_handle.len()
+    }
+
+    /// Whether no session is held.
+    pub fn is_empty(&self) -> bool {
+        self.shared.by_handle.is_empty()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| writer_gone())?;
+        rx.await.map_err(|_| writer_gone())?
+    }
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Unavailable("the embedded store's writer has stopped".into())
+}
+
+struct Writer {
+    conn: Connection,
+    shared: Arc<Shared>,
+    flush_interval: Duration,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        let mut last_flush = Instant::now();
+        loop {
+            let wait = self.flush_interval.saturating_sub(last_flush.elapsed());
+            let mut batch = Vec::new();
+            match rx.recv_timeout(wait) {
+                Ok(c) => batch.push(c),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.commit(Vec::new(), true);
+                    break;
+                }
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let flush_due = last_flush.elapsed() >= self.flush_interval;
+            if flush_due {
+                last_flush = Instant::now();
+            }
+            self.commit(batch, flush_due);
+        }
+        tracing::debug!("embedded store writer stopped");
+    }
+
+    /// Applies a batch in one transaction and answers its callers after the commit.
+    fn commit(&mut self, batch: Vec<Cmd>, flush_touches: bool) {
+        if batch.is_empty() && !flush_touches {
+            return;
+        }
+        let mut effects = Vec::new();
+        let mut pending = Vec::with_capacity(batch.len());
+        let result = (|| -> Result<(), StoreError> {
+            let tx = self.conn.transaction().map_err(backend)?;
+            let mut staged = Staged {
+                shared: &self.shared,
+                overlay: HashMap::new(),
+                new_users: HashMap::new(),
+            };
+            let mut flush_now = flush_touches;
+            for cmd in batch {
+                if matches!(cmd, Cmd::Flush { .. }) {
+                    flush_now = true;
+                }
+                pending.push(apply(&tx, &mut staged, cmd, &mut effects));
+            }
+            if flush_now {
+                flush_dirty(&tx, &self.shared, &mut effects)?;
+            }
+            tx.commit().map_err(backend)
+        })();
+        match result {
+            Ok(()) => {
+                for e in effects {
+                    self.apply_effect(e);
+                }
+                for p in pending {
+                    p.send(None);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "embedded store commit failed; rebuilding the index");
+                self.shared.healthy.store(false, Ordering::Release);
+                for p in pending {
+                    p.send(Some(&e));
+                }
+                match load(&self.conn, &self.shared) {
+                    Ok(_) => self.shared.healthy.store(true, Ordering::Release),
+                    Err(e) => {
+                        tracing::error!(error = %e, "embedded store cannot reload; staying unavailable")
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_effect(&self, e: Effect) {
+        let s = &self.shared;
+        match e {
+            Effect::Index(rec) => s.index(rec),
+            Effect::Replace(entry, rec) => *entry.record.write() = Arc::new(rec),
+            Effect::Rekey { entry, old, rec } => {
+                let new = rec.token_hash;
+                *entry.record.write() = Arc::new(rec);
+                s.by_token.insert(new, entry.clone());
+                s.by_token.remove_if(&old, |_, e| Arc::ptr_eq(e, &entry));
+            }
+            Effect::Unindex(h) => s.unindex(&h),
+            Effect::Policy(t, p) => {
+                s.policies.write().insert(t, p);
+            }
+            Effect::Persisted(entry, ms) => {
+                entry.persisted.fetch_max(ms, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// A session as the writer sees it during a batch: its memory entry (`None` if inserted in
+/// this batch), its record, and its live last-seen time.
+type Found = (Option<Arc<Entry>>, SessionRecord, Timestamp);
+
+/// The writer's view during a batch: committed memory plus this batch's staged changes.
+struct Staged<'a> {
+    shared: &'a Shared,
+    /// Handle → the record as this batch left it (`None`: purged in this batch).
+    overlay: HashMap<SessionHandle, Option<(Arc<Entry>, SessionRecord)>>,
+    /// Users' sessions inserted in this batch.
+    new_users: HashMap<UserId, Vec<SessionRecord>>,
+}
+
+impl Staged<'_> {
+    /// The current record and live last-seen of a session, as this batch sees it.
+    fn get(&self, h: &SessionHandle) -> Option<Found> {
+        match self.overlay.get(h) {
+            Some(Some((entry, rec))) => {
+                let live = Timestamp::from_millis(entry.last_seen.load(Ordering::Acquire));
+                return Some((Some(entry.clone()), rec.clone(), live.max(rec.last_seen_at)));
+            }
+            Some(None) => return None,
+            None => {}
+        }
+        if let Some(e) = self.shared.by_handle.get(h) {
+            let snap = e.snapshot();
+            return Some((Some(e.clone()), (*snap.record).clone(), snap.last_seen_at));
+        }
+        for recs in self.new_users.values() {
+            if let Some(r) = recs.iter().find(|r| &r.handle == h) {
+                return Some((None, r.clone(), r.last_seen_at));
+            }
+        }
+        None
+    }
+
+    /// Every session of a user, as this batch sees it.
+    fn user(&self, user: &UserId) -> Vec<Found> {
+        let mut out: Vec<_> = self
+            .shared
+            .user_entries(user)
+            .into_iter()
+            .filter_map(|e| {
+                let h = e.record.read().handle.clone();
+                self.get(&h)
+            })
+            .collect();
+        if let Some(recs) = self.new_users.get(user) {
+            for r in recs {
+                out.push((None, r.clone(), r.last_seen_at));
+            }
+        }
+        out
+    }
+
+    /// Stages a changed record (of a session that is in memory or inserted in this batch).
+    fn put(&mut self, entry: Option<Arc<Entry>>, rec: SessionRecord, effects: &mut Vec<Effect>) {
+        match entry {
+            Some(entry) => {
+                effects.push(Effect::Replace(entry.clone(), rec.clone()));
+                self.overlay.insert(rec.handle.clone(), Some((entry, rec)));
+            }
+            None => {
+                // Inserted earlier in this batch: change the staged insert itself.
+                if let Some(recs) = self.new_users.get_mut(&rec.user_id)
+                    && let Some(r) = recs.iter_mut().find(|r| r.handle == rec.handle)
+                {
+                    *r = rec.clone();
+                }
+                for e in effects.iter_mut() {
+                    if let Effect::Index(r) = e
+                        && r.handle == rec.handle
+                    {
+                        *r = rec.clone();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn write_state(tx: &rusqlite::Transaction<'_>, rec: &SessionRecord) -> Result<(), StoreError> {
+    let r = Row::from_record(rec);
+    tx.prepare_cached(
+        "UPDATE sessions SET state = ?2, revoked_reason = ?3, ended_at = ?4,
+                last_seen_at = MAX(last_seen_at, ?5) WHERE handle = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            r.handle,
+            r.state,
+            r.revoked_reason,
+            r.ended_at,
+            r.last_seen_at
+        ])
+    })
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn revoke_staged(
+    tx: &rusqlite::Transaction<'_>,
+    staged: &mut Staged<'_>,
+    (entry, mut rec, last_seen): Found,
+    reason: &Arc<str>,
+    now: Timestamp,
+    effects: &mut Vec<Effect>,
+) -> Result<SessionRecord, StoreError> {
+    rec.last_seen_at = last_seen;
+    rec.state = StoredState::Revoked {
+        reason: reason.clone(),
+        at: now,
+    };
+    write_state(tx, &rec)?;
+    staged.put(entry, rec.clone(), effects);
+    Ok(rec)
+}
+
+fn is_live(staged: &Staged<'_>, rec: &SessionRecord, last_seen: Timestamp, now: Timestamp) -> bool {
+    let policy = staged.shared.policy_for(&rec.tenant);
+    session::liveness(rec, last_seen, &policy, now) == Liveness::Active
+}
+
+fn stored(rec: SessionRecord) -> StoredSession {
+    StoredSession::new(Arc::new(rec))
+}
+
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    staged: &mut Staged<'_>,
+    cmd: Cmd,
+    effects: &mut Vec<Effect>,
+) -> Pending {
+    match cmd {
+        Cmd::Insert { rec, now, reply } => {
+            let r = (|| {
+                let rec = *rec;
+                let policy = staged.shared.policy_for(&rec.tenant);
+                if let Some(max) = policy.max_sessions_per_user() {
+                    let active: Vec<_> = staged
+                        .user(&rec.user_id)
+                        .into_iter()
+                        .filter(|(_, r, ls)| r.tenant == rec.tenant && is_live(staged, r, *ls, now))
+                        .collect();
+                    if active.len() >= max as usize
+                        && policy.document().on_limit == sessiond_core::api::OnLimit::Deny
+                    {
+                        return Ok(InsertOutcome::LimitReached);
+                    }
+                    let victims = session::choose_evictions(
+                        active
+                            .iter()
+                            .map(|(_, r, ls)| (*ls, r.handle.clone()))
+                            .collect(),
+                        max,
+                    );
+                    let reason: Arc<str> = "limit_evicted".into();
+                    for v in &victims {
+                        if let Some((entry, r, ls)) =
+                            active.iter().find(|(_, r, _)| &r.handle == v).cloned()
+                        {
+                            revoke_staged(tx, staged, (entry, r, ls), &reason, now, effects)?;
+                        }
+                    }
+                    insert_row(tx, &rec)?;
+                    staged
+                        .new_users
+                        .entry(rec.user_id.clone())
+                        .or_default()
+                        .push(rec.clone());
+                    effects.push(Effect::Index(rec));
+                    return Ok(InsertOutcome::Inserted { evicted: victims });
+                }
+                insert_row(tx, &rec)?;
+                staged
+                    .new_users
+                    .entry(rec.user_id.clone())
+                    .or_default()
+                    .push(rec.clone());
+                effects.push(Effect::Index(rec));
+                Ok(InsertOutcome::Inserted {
+                    evicted: Vec::new(),
+                })
+            })();
+            Pending::Insert(reply, r)
+        }
+        Cmd::Rotate {
+            handle,
+            expected,
+            new_hash,
+            auth,
+            now,
+            reply,
+        } => {
+            let r = (|| {
+                let Some((entry, rec, ls)) = staged.get(&handle) else {
+                    return Ok(RotateOutcome::Stale);
+                };
+                if !rec.token_hash.ct_eq(&expected) || !is_live(staged, &rec, ls, now) {
+                    return Ok(RotateOutcome::Stale);
+                }
+                let Some(entry) = entry else {
+                    return Ok(RotateOutcome::Stale);
+                };
+                let mut new = rec.clone();
+                new.token_hash = new_hash;
+                new.last_seen_at = ls.max(now);
+                if let Some(a) = auth {
+                    new.auth = a;
+                }
+                tx.prepare_cached(
+                    "UPDATE sessions SET token_hash = ?2, last_seen_at = ?3, auth_method = ?4,
+                            auth_aal = ?5, authenticated_at = ?6 WHERE handle = ?1",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        handle.as_str(),
+                        &new.token_hash.as_bytes()[..],
+                        new.last_seen_at.as_millis(),
+                        &*new.auth.method,
+                        new.auth.aal,
+                        new.auth.authenticated_at.as_millis()
+                    ])
+                })
+                .map_err(backend)?;
+                entry
+                    .last_seen
+                    .fetch_max(new.last_seen_at.as_millis(), Ordering::AcqRel);
+                effects.push(Effect::Rekey {
+                    entry: entry.clone(),
+                    old: rec.token_hash,
+                    rec: new.clone(),
+                });
+                staged.overlay.insert(handle, Some((entry, new.clone())));
+                Ok(RotateOutcome::Rotated(stored(new)))
+            })();
+            Pending::Rotate(reply, r)
+        }
+        Cmd::Revoke {
+            handle,
+            reason,
+            now,
+            reply,
+        } => {
+            let r = (|| {
+                let Some((entry, rec, ls)) = staged.get(&handle) else {
+                    return Ok(None);
+                };
+                if !is_live(staged, &rec, ls, now) {
+                    let mut rec = rec;
+                    rec.last_seen_at = ls;
+                    return Ok(Some(RevokeOutcome {
+                        session: stored(rec),
+                        revoked_now: false,
+                    }));
+                }
+                let rec = revoke_staged(tx, staged, (entry, rec, ls), &reason, now, effects)?;
+                Ok(Some(RevokeOutcome {
+                    session: stored(rec),
+                    revoked_now: true,
+                }))
+            })();
+            Pending::Revoke(reply, r)
+        }
+        Cmd::RevokeUser {
+            user,
+            tenant,
+            except,
+            reason,
+            now,
+            reply,
+        } => {
+            let r = (|| {
+                let mut revoked = Vec::new();
+                for (entry, rec, ls) in staged.user(&user) {
+                    if tenant.as_ref().is_some_and(|t| t != &rec.tenant)
+                        || except.as_ref() == Some(&rec.handle)
+                        || !is_live(staged, &rec, ls, now)
+                    {
+                        continue;
+                    }
+                    let rec = revoke_staged(tx, staged, (entry, rec, ls), &reason, now, effects)?;
+                    revoked.push(rec.handle);
+                }
+                Ok(revoked)
+            })();
+            Pending::RevokeUser(reply, r)
+        }
+        Cmd::UpdateData {
+            handle,
+            patch,
+            limit,
+            now,
+            reply,
+        } => {
+            let r = (|| {
+                let Some((entry, rec, ls)) = staged.get(&handle) else {
+                    return Ok(DataUpdate::NotFound);
+                };
+                if !is_live(staged, &rec, ls, now) {
+                    return Ok(DataUpdate::NotActive);
+                }
+                let data = match session::patch_data(&rec.data, &patch, limit) {
+                    Ok(d) => d,
+                    Err(sessiond_core::CoreError::DataTooLarge { size, limit }) => {
+                        return Ok(DataUpdate::TooLarge { size, limit });
+                    }
+                    Err(e) => return Err(backend(e)),
+                };
+                tx.prepare_cached("UPDATE sessions SET data = ?2 WHERE handle = ?1")
+                    .and_then(|mut s| s.execute(params![handle.as_str(), data]))
+                    .map_err(backend)?;
+                let mut new = rec;
+                new.data = data.into();
+                new.last_seen_at = ls;
+                staged.put(entry, new.clone(), effects);
+                Ok(DataUpdate::Updated(stored(new)))
+            })();
+            Pending::Data(reply, r)
+        }
+        Cmd::PutPolicy {
+            tenant,
+            policy,
+            reply,
+        } => {
+            let r = (|| {
+                let doc = serde_json::to_string(policy.document()).map_err(backend)?;
+                tx.prepare_cached(
+                    "INSERT INTO policies (tenant, document) VALUES (?1, ?2)
+                     ON CONFLICT (tenant) DO UPDATE SET document = excluded.document",
+                )
+                .and_then(|mut s| s.execute(params![tenant.as_str(), doc]))
+                .map_err(backend)?;
+                effects.push(Effect::Policy(tenant, Arc::new(policy)));
+                Ok(())
+            })();
+            Pending::Unit(reply, r)
+        }
+        Cmd::Sweep {
+            now,
+            to_expire,
+            to_purge,
+            reply,
+        } => {
+            let r = sweep(tx, staged, now, to_expire, to_purge, effects);
+            Pending::Sweep(reply, r)
+        }
+        Cmd::Flush { reply } | Cmd::Ping { reply } => {
+            let r = tx.query_row("SELECT 1", [], |_| Ok(())).map_err(backend);
+            Pending::Unit(reply, r)
+        }
+    }
+}
+
+fn insert_row(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> Result<(), StoreError> {
+    let r = Row::from_record(r);
+    tx.prepare_cached(&format!(
+        "INSERT INTO sessions ({COLUMNS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+    ))
+    .and_then(|mut s| {
+        s.execute(params![
+            r.handle,
+            r.token_hash,
+            r.user_id,
+            r.tenant,
+            r.created_at,
+            r.last_seen_at,
+            r.remember_me,
+            r.auth_method,
+            r.auth_aal,
+            r.authenticated_at,
+            r.ip,
+            r.user_agent,
+            r.browser,
+            r.os,
+            r.data,
+            r.state,
+            r.revoked_reason,
+            r.ended_at,
+        ])
+    })
+    .map_err(backend)?;
+    Ok(())
+}
+
+fn flush_dirty(
+    tx: &rusqlite::Transaction<'_>,
+    shared: &Shared,
+    effects: &mut Vec<Effect>,
+) -> Result<(), StoreError> {
+    let dirty = std::mem::take(&mut *shared.dirty.lock());
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = tx
+        .prepare_cached(
+            "UPDATE sessions SET last_seen_at = MAX(last_seen_at, ?2) WHERE handle = ?1",
+        )
+        .map_err(backend)?;
+    for entry in dirty {
+        entry.dirty.store(false, Ordering::Release);
+        let ms = entry.last_seen.load(Ordering::Acquire);
+        let handle = entry.record.read().handle.clone();
+        stmt.execute(params![handle.as_str(), ms])
+            .map_err(backend)?;
+        effects.push(Effect::Persisted(entry, ms));
+    }
+    Ok(())
+}
+
+/// Sessions a sweep should look at: timed out but still marked active (with when they expired),
+/// and ended before `now - retention_s`. Runs outside the writer, over the concurrent maps, so a
+/// scan of millions of sessions neither stalls verification nor holds up writes.
+fn scan(
+    shared: &Shared,
+    now: Timestamp,
+    retention_s: u64,
+) -> (Vec<(SessionHandle, Timestamp)>, Vec<SessionHandle>) {
+    let cutoff = now.minus_secs(retention_s);
+    let mut to_expire = Vec::new();
+    let mut to_purge = Vec::new();
+    for item in shared.by_handle.iter() {
+        if to_expire.len() >= SWEEP_CHUNK && to_purge.len() >= SWEEP_CHUNK {
+            break;
+        }
+        let snap = item.value().snapshot();
+        let policy = shared.policy_for(&snap.record.tenant);
+        let ended = match (
+            &snap.record.state,
+            session::liveness(&snap.record, snap.last_seen_at, &policy, now),
+        ) {
+            (_, Liveness::Active) => continue,
+            // Timed out: marked expired now, purged by a later sweep once past the retention.
+            (StoredState::Active, Liveness::Expired(at)) => {
+                if to_expire.len() < SWEEP_CHUNK {
+                    to_expire.push((snap.record.handle.clone(), at));
+                }
+                continue;
+            }
+            (StoredState::Revoked { at, .. } | StoredState::Expired { at }, _) => *at,
+            (StoredState::Active, Liveness::Revoked(_)) => continue,
+        };
+        if ended < cutoff && to_purge.len() < SWEEP_CHUNK {
+            to_purge.push(snap.record.handle.clone());
+        }
+    }
+    (to_expire, to_purge)
+}
+
+/// Applies a sweep's candidates, re-checking each as this batch sees it.
+fn sweep(
+    tx: &rusqlite::Transaction<'_>,
+    staged: &mut Staged<'_>,
+    now: Timestamp,
+    to_expire: Vec<(SessionHandle, Timestamp)>,
+    to_purge: Vec<SessionHandle>,
+    effects: &mut Vec<Effect>,
+) -> Result<SweepReport, StoreError> {
+    let mut report = SweepReport::default();
+    for (h, at) in to_expire {
+        // Re-check as this batch sees it: it may have been used or changed since the scan.
+        let Some((e, mut rec, ls)) = staged.get(&h) else {
+            continue;
+        };
+        if rec.state != StoredState::Active || is_live(staged, &rec, ls, now) {
+            continue;
+        }
+        rec.last_seen_at = ls;
+        rec.state = StoredState::Expired { at };
+        write_state(tx, &rec)?;
+        report.expired.push(ExpiredSession {
+            handle: rec.handle.clone(),
+            user_id: rec.user_id.clone(),
+            tenant: rec.tenant.clone(),
+            at,
+        });
+        staged.put(e, rec, effects);
+    }
+    let mut del = tx
+        .prepare_cached("DELETE FROM sessions WHERE handle = ?1")
+        .map_err(backend)?;
+    for h in to_purge {
+        if del.execute(params![h.as_str()]).map_err(backend)? == 0 {
+            continue; // purged by an earlier sweep
+        }
+        staged.overlay.insert(h.clone(), None);
+        effects.push(Effect::Unindex(h));
+        report.purged += 1;
+    }
+    Ok(report)
+}
+
+#[async_trait]
+impl SessionStore for EmbeddedStore {
+    async fn insert(
+        &self,
+        record: SessionRecord,
+        now: Timestamp,
+    ) -> Result<InsertOutcome, StoreError> {
+        self.shared.check()?;
+        self.call(|reply| Cmd::Insert {
+            rec: Box::new(record),
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn find_by_token(&self, hash: &TokenHash) -> Result<Option<StoredSession>, StoreError> {
+        self.shared.check()?;
+        Ok(self.shared.by_token.get(hash).map(|e| e.snapshot()))
+    }
+
+    async fn find_by_handle(
+        &self,
+        handle: &SessionHandle,
+    ) -> Result<Option<StoredSession>, StoreError> {
+        self.shared.check()?;
+        Ok(self.shared.by_handle.get(handle).map(|e| e.snapshot()))
+    }
+
+    async fn touch(
+        &self,
+        session: &StoredSession,
+        _policy: &Policy,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.shared.check()?;
+        let Some(entry) = self
+            .shared
+            .by_handle
+            .get(&session.record.handle)
+            .map(|e| e.clone())
+        else {
+            return Ok(());
+        };
+        let ms = at.as_millis();
+        entry.last_seen.fetch_max(ms, Ordering::AcqRel);
+        if ms - entry.persisted.load(Ordering::Acquire) >= TOUCH_GRANULARITY_MS
+            && !entry.dirty.swap(true, Ordering::AcqRel)
+        {
+            self.shared.dirty.lock().push(entry);
+        }
+        Ok(())
+    }
+
+    async fn rotate(
+        &self,
+        handle: &SessionHandle,
+        expected: &TokenHash,
+        new_hash: TokenHash,
+        auth: Option<AuthRecord>,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        self.shared.check()?;
+        let (handle, expected) = (handle.clone(), *expected);
+        self.call(|reply| Cmd::Rotate {
+            handle,
+            expected,
+            new_hash,
+            auth,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn revoke(
+        &self,
+        handle: &SessionHandle,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Option<RevokeOutcome>, StoreError> {
+        self.shared.check()?;
+        let handle = handle.clone();
+        self.call(|reply| Cmd::Revoke {
+            handle,
+            reason: reason.into(),
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn revoke_user(
+        &self,
+        user_id: &UserId,
+        tenant: Option<&TenantId>,
+        except: Option<&SessionHandle>,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Vec<SessionHandle>, StoreError> {
+        self.shared.check()?;
+        let (user, tenant, except) = (user_id.clone(), tenant.cloned(), except.cloned());
+        self.call(|reply| Cmd::RevokeUser {
+            user,
+            tenant,
+            except,
+            reason: reason.into(),
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn update_data(
+        &self,
+        handle: &SessionHandle,
+        patch: &Map<String, Value>,
+        limit: usize,
+        now: Timestamp,
+    ) -> Result<DataUpdate, StoreError> {
+        self.shared.check()?;
+        let (handle, patch) = (handle.clone(), patch.clone());
+        self.call(|reply| Cmd::UpdateData {
+            handle,
+            patch,
+            limit,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn list_user(
+        &self,
+        q: &ListQuery,
+        now: Timestamp,
+    ) -> Result<Vec<StoredSession>, StoreError> {
+        self.shared.check()?;
+        let mut found: Vec<StoredSession> = self
+            .shared
+            .user_entries(&q.user_id)
+            .iter()
+            .map(|e| e.snapshot())
+            .filter(|s| q.tenant.as_ref().is_none_or(|t| t == &s.record.tenant))
+            .filter(|s| {
+                q.include_ended || {
+                    let policy = self.shared.policy_for(&s.record.tenant);
+                    session::liveness(&s.record, s.last_seen_at, &policy, now) == Liveness::Active
+                }
+            })
+            .collect();
+        found.sort_by(|a, b| {
+            b.last_seen_at
+                .cmp(&a.last_seen_at)
+                .then_with(|| b.record.handle.cmp(&a.record.handle))
+        });
+        if let Some((ls, h)) = &q.after {
+            found.retain(|s| (s.last_seen_at, &s.record.handle) < (*ls, h));
+        }
+        found.truncate(q.limit);
+        Ok(found)
+    }
+
+    async fn policy(&self, tenant: &TenantId) -> Result<Arc<Policy>, StoreError> {
+        Ok(self.shared.policy_for(tenant))
+    }
+
+    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError> {
+        self.shared.check()?;
+        let tenant = tenant.clone();
+        self.call(|reply| Cmd::PutPolicy {
+            tenant,
+            policy,
+            reply,
+        })
+        .await
+    }
+
+    async fn sweep(&self, now: Timestamp, retention_s: u64) -> Result<SweepReport, StoreError> {
+        self.shared.check()?;
+        let shared = self.shared.clone();
+        let (to_expire, to_purge) =
+            tokio::task::spawn_blocking(move || scan(&shared, now, retention_s))
+                .await
+                .map_err(|e| StoreError::Backend(format!("sweep scan failed: {e}")))?;
+        if to_expire.is_empty() && to_purge.is_empty() {
+            return Ok(SweepReport::default());
+        }
+        self.call(|reply| Cmd::Sweep {
+            now,
+            to_expire,
+            to_purge,
+            reply,
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.call(|reply| Cmd::Flush { reply }).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.shared.check()?;
+        self.call(|reply| Cmd::Ping { reply }).await
+    }
+}

@@ -1,0 +1,1272 @@
+//! The Redis store, on one Redis server or a Redis Cluster, for several stateless nodes.
+//!
+//! Keys (under a configurable prefix `P`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:{u:TAG}:s:HANDLE` | hash | `row` (the session, JSON) and `seen` (latest use, ms) |
+//! | `P:{u:TAG}:idx` | set | the user's session handles |
+//! | `P:t:HASHHEX` | string | `TAG HANDLE`: token hash → session |
+//! | `P:h:HANDLE` | string | `TAG`: handle → the user's slot |
+//! | `P:policy:TENANT` | string | a tenant's policy document |
+//! | `P:{sweep}:due`, `P:{sweep}:ended` | sorted sets | sessions by next possible expiry, and by end time |
+//!
+//! `TAG` is a digest of the user id, so every key of one user shares a hash slot: the limit and
+//! force logout are atomic in one Lua script even on a cluster. Every decision is made in Rust
+//! with the core's rules, exactly as on the other stores; Redis applies it with an atomic
+//! multi-key compare-and-set in the user's slot, retried when another node changed the user's
+//! sessions meanwhile. The token and handle keys live in other slots and are only pointers:
+//! verify always checks the token hash in the session itself, so a stale pointer never
+//! authenticates anything. No command scans the keyspace.
+//!
+//! Expiry: every key carries a native TTL (absolute expiry plus the retention), refreshed on
+//! use; `sweep` additionally marks timed-out sessions expired and purges ended ones after the
+//! retention, from the two sorted sets. Last-seen writes are batched per node, written at once
+//! when another node could otherwise see the session idle-expire first.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value as RedisValue};
+use serde_json::{Map, Value};
+use sessiond_core::policy::Policy;
+use sessiond_core::session::{
+    self, AuthRecord, Liveness, SessionRecord, StoredSession, StoredState,
+};
+use sessiond_core::store::{
+    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, RevokeOutcome, RotateOutcome,
+    SessionStore, StoreError, SweepReport,
+};
+use sessiond_core::time::Timestamp;
+use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+use crate::row::{Row, no_intern};
+
+/// Options of the Redis store.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://[:PASSWORD@]HOST:PORT[/DB]`, `rediss://...` (TLS), or
+    /// `redis+cluster://HOST:PORT,HOST:PORT,...` (`rediss+cluster://` for TLS).
+    pub url: String,
+    /// Prefix of every key.
+    pub prefix: String,
+    /// The policy of tenants that have none stored.
+    pub default_policy: Policy,
+    /// How often batched last-seen times are written.
+    pub flush_interval: Duration,
+    /// How long ended sessions stay before they are purged (also added to every key's TTL).
+    pub retention: Duration,
+    /// Connection and response timeout: past it, the store counts as unavailable.
+    pub timeout: Duration,
+}
+
+impl RedisOptions {
+    /// Options for `url` with the defaults.
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: "sd".to_owned(),
+            default_policy: Policy::default(),
+            flush_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Most sessions one sweep looks at, per sorted set.
+const SWEEP_CHUNK: isize = 10_000;
+/// Attempts of an optimistic change before giving up with a conflict.
+const CAS_ATTEMPTS: usize = 32;
+
+/// Atomic compare-and-set over keys of one slot. ARGV: the number of checks, then per check
+/// its kind (`r`: the `row` field of a session hash, `m`: the sorted members of a set) and the
+/// expected text (`''` for missing); then the number of writes, then per write: op, index of
+/// its key, value, TTL in ms. Answers 1 if applied, 0 if a check failed (nothing written).
+const CAS_LUA: &str = r"
+local n = tonumber(ARGV[1])
+local a = 2
+for i = 1, n do
+  local kind, exp = ARGV[a], ARGV[a + 1]
+  a = a + 2
+  local cur
+  if kind == 'r' then
+    cur = redis.call('HGET', KEYS[i], 'row') or ''
+  else
+    local m = redis.call('SMEMBERS', KEYS[i])
+    table.sort(m)
+    cur = table.concat(m, ' ')
+  end
+  if cur ~= exp then return 0 end
+end
+local w = tonumber(ARGV[a])
+a = a + 1
+for j = 1, w do
+  local op, k, x, ttl = ARGV[a], KEYS[tonumber(ARGV[a + 1])], ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
+  if op == 'row' then
+    redis.call('HSET', k, 'row', x)
+    redis.call('PEXPIRE', k, ttl)
+  elseif op == 'sadd' then
+    redis.call('SADD', k, x)
+    if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
+  elseif op == 'srem' then
+    redis.call('SREM', k, x)
+  elseif op == 'del' then
+    redis.call('DEL', k)
+  end
+end
+return 1
+";
+
+/// Records a use: `seen` never moves backwards, the TTL only grows, and a purged session is
+/// not brought back.
+const TOUCH_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local c = tonumber(redis.call('HGET', KEYS[1], 'seen') or '0')
+if tonumber(ARGV[1]) > c then redis.call('HSET', KEYS[1], 'seen', ARGV[1]) end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+";
+
+/// A connection to one server or to a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, RedisValue> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<RedisValue>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+enum Target {
+    Single(Box<redis::Client>),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+struct Inner {
+    target: Target,
+    conn: OnceCell<Conn>,
+    timeout: Duration,
+    prefix: String,
+    default_policy: Arc<Policy>,
+    retention_ms: i64,
+    flush_ms: i64,
+    /// Uses not yet written: handle → (user tag, last seen ms, TTL ms, next due ms).
+    pending: Mutex<HashMap<SessionHandle, Pending>>,
+    cas: Script,
+    touch: Script,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    tag: String,
+    seen: i64,
+    ttl: i64,
+    due: i64,
+}
+
+/// The Redis store. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The sweeper's sorted sets share a hash tag, so they can be changed in one pipeline.
+fn sweep_key(prefix: &str) -> String {
+    format!("{prefix}:{{sweep}}:due")
+}
+
+fn err(e: RedisError) -> StoreError {
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_cluster_error()
+    {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The hash-slot tag of a user: a digest, so that any user id makes a valid tag.
+fn tag(user: &UserId) -> String {
+    hex(&Sha256::digest(user.as_str().as_bytes())[..12])
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// A session as read, with the text of its row (what a compare-and-set checks against).
+#[derive(Debug, Clone)]
+struct Loaded {
+    tag: String,
+    row_text: String,
+    session: StoredSession,
+}
+
+/// One atomic change in a user's slot.
+#[derive(Default)]
+struct Cas {
+    keys: Vec<String>,
+    checks: Vec<(String, String)>,
+    writes: Vec<(String, usize, String, i64)>,
+}
+
+impl Cas {
+    fn key(&mut self, k: String) -> usize {
+        if let Some(i) = self.keys.iter().position(|x| x == &k) {
+            return i + 1;
+        }
+        self.keys.push(k);
+        self.keys.len()
+    }
+
+    /// Checks must come first: their keys are KEYS[1..n] in order.
+    fn check_row(&mut self, k: String, expected: &str) {
+        debug_assert!(self.writes.is_empty());
+        self.keys.push(k);
+        self.checks.push(("r".into(), expected.to_owned()));
+    }
+
+    fn check_members(&mut self, k: String, members: &[String]) {
+        debug_assert!(self.writes.is_empty());
+        let mut m = members.to_vec();
+        m.sort();
+        self.keys.push(k);
+        self.checks.push(("m".into(), m.join(" ")));
+    }
+
+    fn write(&mut self, op: &str, k: String, value: String, ttl: i64) {
+        let i = self.key(k);
+        self.writes.push((op.to_owned(), i, value, ttl.max(1000)));
+    }
+}
+
+impl RedisStore {
+    /// Prepares the store. Connections are made on first use (and remade after failures), so a
+    /// node can start while Redis is down and report itself not ready.
+    pub fn connect(opts: RedisOptions) -> Result<Self, StoreError> {
+        let bad = |e: RedisError| StoreError::Backend(format!("invalid Redis URL: {e}"));
+        let target = if let Some(rest) = opts
+            .url
+            .strip_prefix("redis+cluster://")
+            .map(|r| ("redis", r))
+            .or_else(|| {
+                opts.url
+                    .strip_prefix("rediss+cluster://")
+                    .map(|r| ("rediss", r))
+            }) {
+            let (scheme, nodes) = rest;
+            let (auth, hosts) = match nodes.rsplit_once('@') {
+                Some((a, h)) => (Some(a), h),
+                None => (None, nodes),
+            };
+            let urls: Vec<String> = hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| match auth {
+                    Some(a) => format!("{scheme}://{a}@{h}"),
+                    None => format!("{scheme}://{h}"),
+                })
+                .collect();
+            if urls.is_empty() {
+                return Err(StoreError::Backend(
+                    "redis+cluster:// needs at least one node".into(),
+                ));
+            }
+            let client = redis::cluster::ClusterClient::builder(urls)
+                .connection_timeout(opts.timeout)
+                .response_timeout(opts.timeout)
+                .retries(2)
+                .build()
+                .map_err(bad)?;
+            Target::Cluster(Box::new(client))
+        } else {
+            Target::Single(Box::new(
+                redis::Client::open(opts.url.as_str()).map_err(bad)?,
+            ))
+        };
+        if opts.prefix.is_empty()
+            || opts.prefix.len() > 64
+            || !opts
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+        {
+            return Err(StoreError::Backend(
+                "Redis key prefix: 1 to 64 of A-Z a-z 0-9 _ - . :".into(),
+            ));
+        }
+        let inner = Arc::new(Inner {
+            target,
+            conn: OnceCell::new(),
+            timeout: opts.timeout,
+            prefix: opts.prefix,
+            default_policy: Arc::new(opts.default_policy),
+            retention_ms: ms(opts.retention),
+            flush_ms: ms(opts.flush_interval),
+            pending: Mutex::new(HashMap::new()),
+            cas: Script::new(CAS_LUA),
+            touch: Script::new(TOUCH_LUA),
+        });
+        tokio::spawn(flush_loop(Arc::downgrade(&inner), opts.flush_interval));
+        Ok(Self { inner })
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        conn(&self.inner).await
+    }
+
+    fn rec_key(&self, tag: &str, handle: &str) -> String {
+        format!("{}:{{u:{tag}}}:s:{handle}", self.inner.prefix)
+    }
+
+    fn idx_key(&self, tag: &str) -> String {
+        format!("{}:{{u:{tag}}}:idx", self.inner.prefix)
+    }
+
+    fn tok_key(&self, hash: &TokenHash) -> String {
+        format!("{}:t:{}", self.inner.prefix, hex(hash.as_bytes()))
+    }
+
+    fn handle_key(&self, handle: &str) -> String {
+        format!("{}:h:{handle}", self.inner.prefix)
+    }
+
+    fn policy_key(&self, tenant: &str) -> String {
+        format!("{}:policy:{tenant}", self.inner.prefix)
+    }
+
+    fn sweep_key(&self) -> String {
+        sweep_key(&self.inner.prefix)
+    }
+
+    fn ended_key(&self) -> String {
+        format!("{}:{{sweep}}:ended", self.inner.prefix)
+    }
+
+    /// Sets or deletes keys that may lie in different slots, one command each.
+    async fn each(&self, c: &mut Conn, cmds: Vec<Cmd>) -> Result<(), StoreError> {
+        for cmd in cmds {
+            let _: RedisValue = cmd.query_async(c).await.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// TTL of a session's keys at `now`: to its absolute expiry, plus the retention.
+    fn ttl(&self, rec: &SessionRecord, policy: &Policy, now: Timestamp) -> i64 {
+        let (_, absolute) = session::expiries(rec, rec.last_seen_at, policy);
+        let end = match rec.state {
+            StoredState::Active => absolute,
+            StoredState::Revoked { at, .. } | StoredState::Expired { at } => at.min(absolute),
+        };
+        (end.as_millis() - now.as_millis())
+            .saturating_add(self.inner.retention_ms)
+            .max(1000)
+    }
+
+    /// When the session could next be found timed out (for the sweeper).
+    fn due(rec: &SessionRecord, last_seen: Timestamp, policy: &Policy) -> i64 {
+        let (idle, absolute) = session::expiries(rec, last_seen, policy);
+        idle.min(absolute).as_millis()
+    }
+
+    fn parse(
+        &self,
+        tag: &str,
+        row: Option<String>,
+        seen: Option<i64>,
+    ) -> Result<Option<Loaded>, StoreError> {
+        let Some(row_text) = row else { return Ok(None) };
+        let row: Row = serde_json::from_str(&row_text)
+            .map_err(|e| StoreError::Backend(format!("stored session: {e}")))?;
+        let mut rec = row.into_record(no_intern)?;
+        // The record's last seen is what is stored, as every node sees it.
+        if let Some(s) = seen {
+            rec.last_seen_at = rec.last_seen_at.max(Timestamp::from_millis(s));
+        }
+        let mut session = StoredSession::new(Arc::new(rec));
+        if let Some(p) = self.inner.pending.lock().get(&session.record.handle) {
+            session.last_seen_at = session.last_seen_at.max(Timestamp::from_millis(p.seen));
+        }
+        Ok(Some(Loaded {
+            tag: tag.to_owned(),
+            row_text,
+            session,
+        }))
+    }
+
+    async fn load(
+        &self,
+        c: &mut Conn,
+        tag: &str,
+        handle: &str,
+    ) -> Result<Option<Loaded>, StoreError> {
+        let (row, seen): (Option<String>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.rec_key(tag, handle))
+            .arg("row")
+            .arg("seen")
+            .query_async(c)
+            .await
+            .map_err(err)?;
+        self.parse(tag, row, seen)
+    }
+
+    async fn load_by_handle(
+        &self,
+        c: &mut Conn,
+        handle: &SessionHandle,
+    ) -> Result<Option<Loaded>, StoreError> {
+        let tag: Option<String> = redis::cmd("GET")
+            .arg(self.handle_key(handle.as_str()))
+            .query_async(c)
+            .await
+            .map_err(err)?;
+        match tag {
+            Some(t) => self.load(c, &t, handle.as_str()).await,
+            None => Ok(None),
+        }
+    }
+
+    /// A user's handles and sessions, as of one read.
+    async fn load_user(
+        &self,
+        c: &mut Conn,
+        tag: &str,
+    ) -> Result<(Vec<String>, Vec<Loaded>), StoreError> {
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.idx_key(tag))
+            .query_async(c)
+            .await
+            .map_err(err)?;
+        if members.is_empty() {
+            return Ok((members, Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for h in &members {
+            pipe.cmd("HMGET")
+                .arg(self.rec_key(tag, h))
+                .arg("row")
+                .arg("seen");
+        }
+        let rows: Vec<(Option<String>, Option<i64>)> = pipe.query_async(c).await.map_err(err)?;
+        let mut loaded = Vec::with_capacity(rows.len());
+        for (row, seen) in rows {
+            if let Some(l) = self.parse(tag, row, seen)? {
+                loaded.push(l);
+            }
+        }
+        Ok((members, loaded))
+    }
+
+    async fn apply(&self, c: &mut Conn, cas: &Cas) -> Result<bool, StoreError> {
+        let mut inv = self.inner.cas.prepare_invoke();
+        for k in &cas.keys {
+            inv.key(k);
+        }
+        inv.arg(cas.checks.len());
+        for (kind, exp) in &cas.checks {
+            inv.arg(kind).arg(exp);
+        }
+        inv.arg(cas.writes.len());
+        for (op, i, v, ttl) in &cas.writes {
+            inv.arg(op).arg(i).arg(v).arg(ttl);
+        }
+        let applied: i64 = inv.invoke_async(c).await.map_err(err)?;
+        Ok(applied == 1)
+    }
+
+    fn row_json(rec: &SessionRecord) -> Result<String, StoreError> {
+        serde_json::to_string(&Row::from_record(rec))
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    async fn policy_conn(&self, c: &mut Conn, tenant: &str) -> Result<Arc<Policy>, StoreError> {
+        let doc: Option<String> = redis::cmd("GET")
+            .arg(self.policy_key(tenant))
+            .query_async(c)
+            .await
+            .map_err(err)?;
+        match doc {
+            None => Ok(self.inner.default_policy.clone()),
+            Some(d) => {
+                let doc = serde_json::from_str(&d)
+                    .map_err(|e| StoreError::Backend(format!("stored policy: {e}")))?;
+                Policy::new(doc)
+                    .map(Arc::new)
+                    .map_err(|e| StoreError::Backend(format!("stored policy: {e}")))
+            }
+        }
+    }
+
+    /// Notes the end of sessions in the sweeper's sets (best effort: the TTL is the backstop).
+    async fn ended(&self, c: &mut Conn, ended: &[(String, i64)]) -> Result<(), StoreError> {
+        if ended.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (h, at) in ended {
+            pipe.cmd("ZREM").arg(self.sweep_key()).arg(h).ignore();
+            pipe.cmd("ZADD")
+                .arg(self.ended_key())
+                .arg(at)
+                .arg(h)
+                .ignore();
+        }
+        let () = pipe.query_async(c).await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Revokes, in one atomic change, the given live sessions of one user.
+    fn revoke_writes(
+        &self,
+        cas: &mut Cas,
+        victims: &[&Loaded],
+        reason: &str,
+        now: Timestamp,
+        policy_of: &HashMap<String, Arc<Policy>>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut ended = Vec::new();
+        for v in victims {
+            let mut rec = (*v.session.record).clone();
+            rec.last_seen_at = v.session.last_seen_at;
+            rec.state = StoredState::Revoked {
+                reason: reason.into(),
+                at: now,
+            };
+            let policy = policy_of
+                .get(rec.tenant.as_str())
+                .cloned()
+                .unwrap_or_else(|| self.inner.default_policy.clone());
+            let ttl = self.ttl(&rec, &policy, now);
+            cas.write(
+                "row",
+                self.rec_key(&v.tag, rec.handle.as_str()),
+                Self::row_json(&rec)?,
+                ttl,
+            );
+            ended.push((rec.handle.to_string(), now.as_millis()));
+        }
+        Ok(ended)
+    }
+
+    async fn flush_pending(&self) -> Result<(), StoreError> {
+        flush(&self.inner).await
+    }
+}
+
+async fn conn(inner: &Inner) -> Result<Conn, StoreError> {
+    let c = inner
+        .conn
+        .get_or_try_init(|| async {
+            match &inner.target {
+                Target::Single(client) => {
+                    let cfg = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(inner.timeout))
+                        .set_response_timeout(Some(inner.timeout))
+                        .set_number_of_retries(1);
+                    ConnectionManager::new_lazy_with_config((**client).clone(), cfg)
+                        .map(Conn::Single)
+                        .map_err(err)
+                }
+                Target::Cluster(client) => {
+                    let connect = client.get_async_connection();
+                    match tokio::time::timeout(inner.timeout * 3, connect).await {
+                        Ok(r) => r.map(Conn::Cluster).map_err(err),
+                        Err(_) => Err(StoreError::Unavailable(
+                            "Redis Cluster did not answer".into(),
+                        )),
+                    }
+                }
+            }
+        })
+        .await?;
+    Ok(c.clone())
+}
+
+async fn flush(inner: &Inner) -> Result<(), StoreError> {
+    // Entries stay pending (and visible to this node's reads) until their write has landed.
+    let batch: Vec<(SessionHandle, Pending)> = inner
+        .pending
+        .lock()
+        .iter()
+        .map(|(h, p)| (h.clone(), p.clone()))
+        .collect();
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut c = conn(inner).await?;
+    let mut res = Ok(());
+    let mut written = Vec::with_capacity(batch.len());
+    for (h, p) in batch {
+        let key = format!("{}:{{u:{}}}:s:{}", inner.prefix, p.tag, h.as_str());
+        let r: Result<i64, RedisError> = inner
+            .touch
+            .key(&key)
+            .arg(p.seen)
+            .arg(p.ttl)
+            .invoke_async(&mut c)
+            .await;
+        let r = match r {
+            Ok(1) => redis::cmd("ZADD")
+                .arg(sweep_key(&inner.prefix))
+                .arg("XX")
+                .arg(p.due)
+                .arg(h.as_str())
+                .query_async::<i64>(&mut c)
+                .await
+                .map(|_| ()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => written.push((h, p.seen)),
+            Err(e) => res = Err(err(e)),
+        }
+    }
+    let mut pending = inner.pending.lock();
+    for (h, seen) in written {
+        if pending.get(&h).is_some_and(|p| p.seen <= seen) {
+            pending.remove(&h);
+        }
+    }
+    res
+}
+
+async fn flush_loop(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if let Err(e) = flush(&inner).await {
+            tracing::warn!(error = %e, "writing batched last-seen times failed; will retry");
+        }
+    }
+}
+
+fn is_live(l: &Loaded, policy: &Policy, now: Timestamp) -> bool {
+    session::liveness(&l.session.record, l.session.last_seen_at, policy, now) == Liveness::Active
+}
+
+/// Waits a random while before retrying a change that lost a race, longer with each attempt,
+/// so that contending nodes spread out instead of colliding again.
+async fn backoff(attempt: usize) {
+    use std::hash::BuildHasher;
+    let cap_us = 200u64 << attempt.min(8);
+    let r = std::collections::hash_map::RandomState::new().hash_one(attempt) % cap_us;
+    tokio::time::sleep(Duration::from_micros(r)).await;
+}
+
+fn conflict() -> StoreError {
+    StoreError::Backend("too many concurrent changes to one user's sessions; giving up".into())
+}
+
+#[async_trait]
+impl SessionStore for RedisStore {
+    async fn insert(
+        &self,
+        record: SessionRecord,
+        now: Timestamp,
+    ) -> Result<InsertOutcome, StoreError> {
+        let mut c = self.conn().await?;
+        let tag = tag(&record.user_id);
+        let handle = record.handle.to_string();
+        let policy = self.policy_conn(&mut c, record.tenant.as_str()).await?;
+        let ttl = self.ttl(&record, &policy, now);
+        // Pointers first: until the session itself exists they lead nowhere.
+        let tok = self.tok_key(&record.token_hash);
+        let hkey = self.handle_key(&handle);
+        let mut set_tok = redis::cmd("SET");
+        set_tok
+            .arg(&tok)
+            .arg(format!("{tag} {handle}"))
+            .arg("PX")
+            .arg(ttl);
+        let mut set_handle = redis::cmd("SET");
+        set_handle.arg(&hkey).arg(&tag).arg("PX").arg(ttl);
+        self.each(&mut c, vec![set_tok, set_handle]).await?;
+        let row = Self::row_json(&record)?;
+        let mut policies = HashMap::new();
+        policies.insert(record.tenant.as_str().to_owned(), policy.clone());
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let mut cas = Cas::default();
+            let mut evicted = Vec::new();
+            let mut ended = Vec::new();
+            if let Some(max) = policy.max_sessions_per_user() {
+                let (members, loaded) = self.load_user(&mut c, &tag).await?;
+                let active: Vec<&Loaded> = loaded
+                    .iter()
+                    .filter(|l| {
+                        l.session.record.tenant == record.tenant && is_live(l, &policy, now)
+                    })
+                    .collect();
+                if active.len() >= max as usize
+                    && policy.document().on_limit == sessiond_core::api::OnLimit::Deny
+                {
+                    let (mut a, mut b) = (redis::cmd("DEL"), redis::cmd("DEL"));
+                    a.arg(&tok);
+                    b.arg(&hkey);
+                    self.each(&mut c, vec![a, b]).await?;
+                    return Ok(InsertOutcome::LimitReached);
+                }
+                evicted = session::choose_evictions(
+                    active
+                        .iter()
+                        .map(|l| (l.session.last_seen_at, l.session.record.handle.clone()))
+                        .collect(),
+                    max,
+                );
+                let victims: Vec<&Loaded> = active
+                    .iter()
+                    .copied()
+                    .filter(|l| evicted.contains(&l.session.record.handle))
+                    .collect();
+                cas.check_members(self.idx_key(&tag), &members);
+                for v in &victims {
+                    cas.check_row(
+                        self.rec_key(&tag, v.session.record.handle.as_str()),
+                        &v.row_text,
+                    );
+                }
+                ended = self.revoke_writes(&mut cas, &victims, "limit_evicted", now, &policies)?;
+            }
+            cas.write("row", self.rec_key(&tag, &handle), row.clone(), ttl);
+            cas.write("sadd", self.idx_key(&tag), handle.clone(), ttl);
+            if self.apply(&mut c, &cas).await? {
+                let due = Self::due(&record, record.last_seen_at, &policy);
+                let _: i64 = redis::cmd("ZADD")
+                    .arg(self.sweep_key())
+                    .arg(due)
+                    .arg(&handle)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(err)?;
+                self.ended(&mut c, &ended).await?;
+                return Ok(InsertOutcome::Inserted { evicted });
+            }
+        }
+        Err(conflict())
+    }
+
+    async fn find_by_token(&self, hash: &TokenHash) -> Result<Option<StoredSession>, StoreError> {
+        let mut c = self.conn().await?;
+        let ptr: Option<String> = redis::cmd("GET")
+            .arg(self.tok_key(hash))
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        let Some((tag, handle)) = ptr.as_deref().and_then(|p| p.split_once(' ')) else {
+            return Ok(None);
+        };
+        let found = self.load(&mut c, tag, handle).await?;
+        // The pointer is a hint: only the session's own current hash counts.
+        Ok(found
+            .map(|l| l.session)
+            .filter(|s| s.record.token_hash.ct_eq(hash)))
+    }
+
+    async fn find_by_handle(
+        &self,
+        handle: &SessionHandle,
+    ) -> Result<Option<StoredSession>, StoreError> {
+        let mut c = self.conn().await?;
+        Ok(self
+            .load_by_handle(&mut c, handle)
+            .await?
+            .map(|l| l.session))
+    }
+
+    async fn touch(
+        &self,
+        s: &StoredSession,
+        policy: &Policy,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let at_ms = at.as_millis();
+        if at_ms <= s.last_seen_at.as_millis() {
+            return Ok(());
+        }
+        let mut rec = (*s.record).clone();
+        rec.last_seen_at = at;
+        let p = Pending {
+            tag: tag(&rec.user_id),
+            seen: at_ms,
+            ttl: self.ttl(&rec, policy, at),
+            due: Self::due(&rec, at, policy),
+        };
+        let idle_ms = i64::try_from(policy.timeouts(rec.remember_me).idle_s)
+            .unwrap_or(i64::MAX / 4)
+            .saturating_mul(1000);
+        // Other nodes see only the stored value: write now if the batch could land after they
+        // would find the session idle-expired.
+        if at_ms - s.record.last_seen_at.as_millis() >= idle_ms - 3 * self.inner.flush_ms {
+            let mut c = self.conn().await?;
+            let key = self.rec_key(&p.tag, rec.handle.as_str());
+            let _: i64 = self
+                .inner
+                .touch
+                .key(&key)
+                .arg(p.seen)
+                .arg(p.ttl)
+                .invoke_async(&mut c)
+                .await
+                .map_err(err)?;
+            return Ok(());
+        }
+        let mut pending = self.inner.pending.lock();
+        let e = pending
+            .entry(rec.handle.clone())
+            .or_insert_with(|| p.clone());
+        if p.seen > e.seen {
+            *e = p;
+        }
+        Ok(())
+    }
+
+    async fn rotate(
+        &self,
+        handle: &SessionHandle,
+        expected: &TokenHash,
+        new_hash: TokenHash,
+        auth: Option<AuthRecord>,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        let mut c = self.conn().await?;
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let Some(l) = self.load_by_handle(&mut c, handle).await? else {
+                return Ok(RotateOutcome::Stale);
+            };
+            let policy = self
+                .policy_conn(&mut c, l.session.record.tenant.as_str())
+                .await?;
+            if !l.session.record.token_hash.ct_eq(expected) || !is_live(&l, &policy, now) {
+                return Ok(RotateOutcome::Stale);
+            }
+            let mut new = (*l.session.record).clone();
+            new.token_hash = new_hash;
+            new.last_seen_at = l.session.last_seen_at.max(now);
+            if let Some(a) = auth.clone() {
+                new.auth = a;
+            }
+            let ttl = self.ttl(&new, &policy, now);
+            // The new pointer before the change: the new token is handed out only after it.
+            let _: () = redis::cmd("SET")
+                .arg(self.tok_key(&new_hash))
+                .arg(format!("{} {}", l.tag, handle.as_str()))
+                .arg("PX")
+                .arg(ttl)
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            let mut cas = Cas::default();
+            let key = self.rec_key(&l.tag, handle.as_str());
+            cas.check_row(key.clone(), &l.row_text);
+            cas.write("row", key, Self::row_json(&new)?, ttl);
+            if self.apply(&mut c, &cas).await? {
+                let _: i64 = redis::cmd("DEL")
+                    .arg(self.tok_key(expected))
+                    .query_async(&mut c)
+                    .await
+                    .map_err(err)?;
+                return Ok(RotateOutcome::Rotated(StoredSession::new(Arc::new(new))));
+            }
+            let _: i64 = redis::cmd("DEL")
+                .arg(self.tok_key(&new_hash))
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+        }
+        Err(conflict())
+    }
+
+    async fn revoke(
+        &self,
+        handle: &SessionHandle,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Option<RevokeOutcome>, StoreError> {
+        let mut c = self.conn().await?;
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let Some(l) = self.load_by_handle(&mut c, handle).await? else {
+                return Ok(None);
+            };
+            let policy = self
+                .policy_conn(&mut c, l.session.record.tenant.as_str())
+                .await?;
+            if !is_live(&l, &policy, now) {
+                let mut rec = (*l.session.record).clone();
+                rec.last_seen_at = l.session.last_seen_at;
+                return Ok(Some(RevokeOutcome {
+                    session: StoredSession::new(Arc::new(rec)),
+                    revoked_now: false,
+                }));
+            }
+            let mut cas = Cas::default();
+            cas.check_row(self.rec_key(&l.tag, handle.as_str()), &l.row_text);
+            let mut policies = HashMap::new();
+            policies.insert(l.session.record.tenant.as_str().to_owned(), policy);
+            let ended = self.revoke_writes(&mut cas, &[&l], reason, now, &policies)?;
+            if self.apply(&mut c, &cas).await? {
+                self.ended(&mut c, &ended).await?;
+                let mut rec = (*l.session.record).clone();
+                rec.last_seen_at = l.session.last_seen_at;
+                rec.state = StoredState::Revoked {
+                    reason: reason.into(),
+                    at: now,
+                };
+                return Ok(Some(RevokeOutcome {
+                    session: StoredSession::new(Arc::new(rec)),
+                    revoked_now: true,
+                }));
+            }
+        }
+        Err(conflict())
+    }
+
+    async fn revoke_user(
+        &self,
+        user_id: &UserId,
+        tenant: Option<&TenantId>,
+        except: Option<&SessionHandle>,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Vec<SessionHandle>, StoreError> {
+        let mut c = self.conn().await?;
+        let tag = tag(user_id);
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let (members, loaded) = self.load_user(&mut c, &tag).await?;
+            let mut policies: HashMap<String, Arc<Policy>> = HashMap::new();
+            let mut victims = Vec::new();
+            for l in &loaded {
+                let r = &l.session.record;
+                if tenant.is_some_and(|t| t != &r.tenant) || except == Some(&r.handle) {
+                    continue;
+                }
+                let policy = match policies.get(r.tenant.as_str()) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = self.policy_conn(&mut c, r.tenant.as_str()).await?;
+                        policies.insert(r.tenant.as_str().to_owned(), p.clone());
+                        p
+                    }
+                };
+                if is_live(l, &policy, now) {
+                    victims.push(l);
+                }
+            }
+            if victims.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut cas = Cas::default();
+            cas.check_members(self.idx_key(&tag), &members);
+            for v in &victims {
+                cas.check_row(
+                    self.rec_key(&tag, v.session.record.handle.as_str()),
+                    &v.row_text,
+                );
+            }
+            let ended = self.revoke_writes(&mut cas, &victims, reason, now, &policies)?;
+            if self.apply(&mut c, &cas).await? {
+                self.ended(&mut c, &ended).await?;
+                return Ok(victims
+                    .iter()
+                    .map(|v| v.session.record.handle.clone())
+                    .collect());
+            }
+        }
+        Err(conflict())
+    }
+
+    async fn update_data(
+        &self,
+        handle: &SessionHandle,
+        patch: &Map<String, Value>,
+        limit: usize,
+        now: Timestamp,
+    ) -> Result<DataUpdate, StoreError> {
+        let mut c = self.conn().await?;
+        for attempt in 0..CAS_ATTEMPTS {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let Some(l) = self.load_by_handle(&mut c, handle).await? else {
+                return Ok(DataUpdate::NotFound);
+            };
+            let policy = self
+                .policy_conn(&mut c, l.session.record.tenant.as_str())
+                .await?;
+            if !is_live(&l, &policy, now) {
+                return Ok(DataUpdate::NotActive);
+            }
+            let data = match session::patch_data(&l.session.record.data, patch, limit) {
+                Ok(d) => d,
+                Err(sessiond_core::CoreError::DataTooLarge { size, limit }) => {
+                    return Ok(DataUpdate::TooLarge { size, limit });
+                }
+                Err(e) => return Err(StoreError::Backend(e.to_string())),
+            };
+            let mut new = (*l.session.record).clone();
+            new.data = data.into();
+            let ttl = self.ttl(&new, &policy, now);
+            let mut cas = Cas::default();
+            let key = self.rec_key(&l.tag, handle.as_str());
+            cas.check_row(key.clone(), &l.row_text);
+            cas.write("row", key, Self::row_json(&new)?, ttl);
+            if self.apply(&mut c, &cas).await? {
+                new.last_seen_at = l.session.last_seen_at;
+                return Ok(DataUpdate::Updated(StoredSession::new(Arc::new(new))));
+            }
+        }
+        Err(conflict())
+    }
+
+    async fn list_user(
+        &self,
+        q: &ListQuery,
+        now: Timestamp,
+    ) -> Result<Vec<StoredSession>, StoreError> {
+        let mut c = self.conn().await?;
+        let (_, loaded) = self.load_user(&mut c, &tag(&q.user_id)).await?;
+        let mut policies: HashMap<String, Arc<Policy>> = HashMap::new();
+        let mut found = Vec::new();
+        for l in loaded {
+            if q.tenant
+                .as_ref()
+                .is_some_and(|t| t != &l.session.record.tenant)
+            {
+                continue;
+            }
+            if !q.include_ended {
+                let t = l.session.record.tenant.as_str().to_owned();
+                let policy = match policies.get(&t) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = self.policy_conn(&mut c, &t).await?;
+                        policies.insert(t, p.clone());
+                        p
+                    }
+                };
+                if !is_live(&l, &policy, now) {
+                    continue;
+                }
+            }
+            found.push(l.session);
+        }
+        found.sort_by(|a, b| {
+            b.last_seen_at
+                .cmp(&a.last_seen_at)
+                .then_with(|| b.record.handle.cmp(&a.record.handle))
+        });
+        if let Some((ls, h)) = &q.after {
+            found.retain(|s| (s.last_seen_at, &s.record.handle) < (*ls, h));
+        }
+        found.truncate(q.limit);
+        Ok(found)
+    }
+
+    async fn policy(&self, tenant: &TenantId) -> Result<Arc<Policy>, StoreError> {
+        let mut c = self.conn().await?;
+        self.policy_conn(&mut c, tenant.as_str()).await
+    }
+
+    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(policy.document())
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let mut c = self.conn().await?;
+        let () = redis::cmd("SET")
+            .arg(self.policy_key(tenant.as_str()))
+            .arg(doc)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn sweep(&self, now: Timestamp, retention_s: u64) -> Result<SweepReport, StoreError> {
+        self.flush_pending().await?;
+        let mut c = self.conn().await?;
+        let mut report = SweepReport::default();
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.sweep_key())
+            .arg("-inf")
+            .arg(now.as_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(SWEEP_CHUNK)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        for h in due {
+            let Ok(handle) = SessionHandle::parse(&h) else {
+                continue;
+            };
+            let Some(l) = self.load_by_handle(&mut c, &handle).await? else {
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(self.sweep_key())
+                    .arg(&h)
+                    .query_async(&mut c)
+                    .await
+                    .map_err(err)?;
+                continue;
+            };
+            let rec = &l.session.record;
+            let policy = self.policy_conn(&mut c, rec.tenant.as_str()).await?;
+            match (
+                &rec.state,
+                session::liveness(rec, l.session.last_seen_at, &policy, now),
+            ) {
+                (_, Liveness::Active) => {
+                    // Used since, or the policy changed: look again when it could expire.
+                    let next = Self::due(rec, l.session.last_seen_at, &policy);
+                    let _: i64 = redis::cmd("ZADD")
+                        .arg(self.sweep_key())
+                        .arg(next)
+                        .arg(&h)
+                        .query_async(&mut c)
+                        .await
+                        .map_err(err)?;
+                }
+                (StoredState::Active, Liveness::Expired(at)) => {
+                    let mut new = (**rec).clone();
+                    new.last_seen_at = l.session.last_seen_at;
+                    new.state = StoredState::Expired { at };
+                    let mut cas = Cas::default();
+                    let key = self.rec_key(&l.tag, &h);
+                    cas.check_row(key.clone(), &l.row_text);
+                    cas.write(
+                        "row",
+                        key,
+                        Self::row_json(&new)?,
+                        self.ttl(&new, &policy, now),
+                    );
+                    if self.apply(&mut c, &cas).await? {
+                        self.ended(&mut c, &[(h.clone(), at.as_millis())]).await?;
+                        report.expired.push(ExpiredSession {
+                            handle: new.handle,
+                            user_id: new.user_id,
+                            tenant: new.tenant,
+                            at,
+                        });
+                    }
+                }
+                (StoredState::Revoked { at, .. } | StoredState::Expired { at }, _) => {
+                    self.ended(&mut c, &[(h.clone(), at.as_millis())]).await?;
+                }
+                (StoredState::Active, Liveness::Revoked(_)) => {}
+            }
+        }
+        let cutoff = now.minus_secs(retention_s).as_millis();
+        let old: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.ended_key())
+            .arg("-inf")
+            .arg(format!("({cutoff}"))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(SWEEP_CHUNK)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        for h in old {
+            let Ok(handle) = SessionHandle::parse(&h) else {
+                continue;
+            };
+            if let Some(l) = self.load_by_handle(&mut c, &handle).await? {
+                let mut cas = Cas::default();
+                let key = self.rec_key(&l.tag, &h);
+                cas.check_row(key.clone(), &l.row_text);
+                cas.write("del", key, String::new(), 0);
+                cas.write("srem", self.idx_key(&l.tag), h.clone(), 0);
+                if !self.apply(&mut c, &cas).await? {
+                    continue;
+                }
+                let (mut a, mut b) = (redis::cmd("DEL"), redis::cmd("DEL"));
+                a.arg(self.tok_key(&l.session.record.token_hash));
+                b.arg(self.handle_key(&h));
+                self.each(&mut c, vec![a, b]).await?;
+                report.purged += 1;
+            }
+            let _: i64 = redis::cmd("ZREM")
+                .arg(self.ended_key())
+                .arg(&h)
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+        }
+        Ok(report)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.flush_pending().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,361 @@
+//! Configuration, in layers: defaults, then a TOML file, then `SESSIOND_*` environment
+//! variables, then command-line flags. Unknown keys are refused, and the whole configuration is
+//! validated once at start-up with a message that names the bad key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use sessiond_api::PolicyDocument;
+use sessiond_core::policy::Policy;
+use sessiond_core::token::TokenFormat;
+
+/// Shortest API key accepted.
+pub const MIN_API_KEY_LEN: usize = 24;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The server's configuration. See the README's configuration reference.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store (and of a generated API key).
+    pub data_dir: PathBuf,
+    /// The store: absent or `embedded` for the embedded store in `data_dir`, a `postgres://`
+    /// URL, or a `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://` URL.
+    pub store: Option<String>,
+    /// PostgreSQL schema for sessiond's tables (the connection's default when absent).
+    pub store_schema: Option<String>,
+    /// Prefix of every Redis key.
+    pub store_prefix: String,
+    /// Apply pending migrations when `serve` starts (otherwise run `sessiond migrate`).
+    pub migrate_on_start: bool,
+    /// The API key (prefer `api_key_file` or the `SESSIOND_API_KEY` variable).
+    pub api_key: Option<String>,
+    /// A file holding the API key(s), one per line (`#` comments and blank lines ignored).
+    pub api_key_file: Option<PathBuf>,
+    /// Prefix of session tokens.
+    pub token_prefix: String,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest session data, in bytes of JSON.
+    pub max_data_bytes: usize,
+    /// Seconds between sweeps for expired sessions.
+    pub sweep_interval_s: u64,
+    /// Seconds an ended (revoked or expired) session is kept before it is purged.
+    pub retention_s: u64,
+    /// Milliseconds between write-backs of last-seen times.
+    pub flush_interval_ms: u64,
+    /// Seconds to let in-flight requests finish on shutdown.
+    pub shutdown_timeout_s: u64,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// The policy of tenants that have none of their own.
+    pub default_policy: PolicyDocument,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("store", &self.store.as_deref().map(crate::redact_url))
+            .field("store_schema", &self.store_schema)
+            .field("store_prefix", &self.store_prefix)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key_file", &self.api_key_file)
+            .field("token_prefix", &self.token_prefix)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_data_bytes", &self.max_data_bytes)
+            .field("sweep_interval_s", &self.sweep_interval_s)
+            .field("retention_s", &self.retention_s)
+            .field("flush_interval_ms", &self.flush_interval_ms)
+            .field("shutdown_timeout_s", &self.shutdown_timeout_s)
+            .field("log_format", &self.log_format)
+            .field("default_policy", &self.default_policy)
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("sessiond-data"),
+            store: None,
+            store_schema: None,
+            store_prefix: "sd".into(),
+            migrate_on_start: true,
+            api_key: None,
+            api_key_file: None,
+            token_prefix: "sdt_".into(),
+            max_body_bytes: 64 * 1024,
+            max_data_bytes: 16 * 1024,
+            sweep_interval_s: 60,
+            retention_s: 7 * 24 * 3600,
+            flush_interval_ms: 1000,
+            shutdown_timeout_s: 30,
+            log_format: LogFormat::Text,
+            default_policy: PolicyDocument::default(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Values given on the command line: the last layer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    /// `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// `--store`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+}
+
+/// Environment variables read by the command line itself rather than as configuration keys.
+const CLI_ENV: &[&str] = &["config", "log"];
+
+/// The `SESSIOND_*` environment layer.
+fn env_layer() -> Env {
+    Env::prefixed("SESSIOND_").ignore(CLI_ENV).split("__")
+}
+
+impl Config {
+    /// Loads the layers: defaults, the TOML file (if any), `SESSIOND_*` variables, overrides.
+    /// Nested keys in variables use `__`, for example `SESSIOND_DEFAULT_POLICY__IDLE_TIMEOUT_S`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_layers(file, env_layer(), overrides)
+    }
+
+    /// [`Config::load`] with the environment layer given.
+    fn load_layers(
+        file: Option<&Path>,
+        env: Env,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    f.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig.merge(env).merge(Serialized::defaults(overrides));
+        Self::extract(&fig)
+    }
+
+    /// Extracts and validates a configuration from its layers.
+    fn extract(fig: &Figment) -> Result<Self, ConfigError> {
+        let cfg: Config = fig.extract().map_err(|e| {
+            let mut msg = String::from("invalid configuration: ");
+            for (i, err) in e.into_iter().enumerate() {
+                if i > 0 {
+                    msg.push_str("; ");
+                }
+                msg.push_str(&err.to_string());
+            }
+            ConfigError(msg)
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value; the message names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        if TokenFormat::new(&self.token_prefix).is_err() {
+            return bad("token_prefix: at most 32 characters of A-Z, a-z, 0-9, '_' and '-'".into());
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return bad("max_body_bytes: between 1024 and 16777216".into());
+        }
+        if self.max_data_bytes < 2 || self.max_data_bytes > self.max_body_bytes {
+            return bad("max_data_bytes: at least 2 and at most max_body_bytes".into());
+        }
+        if self.sweep_interval_s == 0 {
+            return bad("sweep_interval_s: at least 1".into());
+        }
+        if !(10..=60_000).contains(&self.flush_interval_ms) {
+            return bad("flush_interval_ms: between 10 and 60000".into());
+        }
+        crate::StoreUrl::parse(self.store.as_deref())?;
+        if let Err(e) = Policy::new(self.default_policy.clone()) {
+            return bad(format!("default_policy: {e}"));
+        }
+        Ok(())
+    }
+
+    /// The API keys from `api_key` and `api_key_file`; empty if neither is set.
+    pub fn configured_api_keys(&self) -> Result<Vec<String>, ConfigError> {
+        let mut keys = Vec::new();
+        if let Some(k) = &self.api_key {
+            keys.push(k.trim().to_owned());
+        }
+        if let Some(f) = &self.api_key_file {
+            keys.extend(read_key_file(f)?);
+        }
+        validate_keys(&keys)?;
+        Ok(keys)
+    }
+
+    /// The API keys. With none configured, the key in `<data_dir>/api-key` is used, generated
+    /// (256 bits, file mode 0600) on first start: sessiond never runs with its API open.
+    /// Answers the keys and, when the data-dir key was used, its path.
+    pub fn api_keys(&self) -> Result<(Vec<String>, Option<PathBuf>), ConfigError> {
+        let keys = self.configured_api_keys()?;
+        if !keys.is_empty() {
+            return Ok((keys, None));
+        }
+        let path = self.data_dir.join(GENERATED_KEY_FILE);
+        if !path.exists() {
+            write_new_key(&self.data_dir, &path)?;
+        }
+        let keys = read_key_file(&path)?;
+        if keys.is_empty() {
+            return Err(ConfigError(format!(
+                "{} holds no API key; delete it to have a new one generated, or set SESSIOND_API_KEY",
+                path.display()
+            )));
+        }
+        validate_keys(&keys)?;
+        Ok((keys, Some(path)))
+    }
+}
+
+/// Name of the generated API key file in the data directory.
+pub const GENERATED_KEY_FILE: &str = "api-key";
+
+fn read_key_file(f: &Path) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(f)
+        .map_err(|e| ConfigError(format!("api_key_file: cannot read {}: {e}", f.display())))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
+fn write_new_key(dir: &Path, path: &Path) -> Result<(), ConfigError> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| {
+        ConfigError(format!(
+            "no API key is configured and none could be generated into {}: {e}. Set \
+             SESSIOND_API_KEY (make one with `sessiond generate-key`) or api_key_file.",
+            path.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let (key, _) = TokenFormat::new("sk_")
+        .and_then(|f| f.generate())
+        .map_err(|e| ConfigError(format!("cannot generate an API key: {e}")))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(fail)?;
+    writeln!(f, "{}", key.expose())
+        .and_then(|()| f.sync_all())
+        .map_err(fail)
+}
+
+fn validate_keys(keys: &[String]) -> Result<(), ConfigError> {
+    for k in keys {
+        if k.len() < MIN_API_KEY_LEN || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError(format!(
+                "api_key: every API key must be at least {MIN_API_KEY_LEN} characters with no \
+                     spaces; `sessiond generate-key` makes a strong one"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// The example configurations in `deploy/`, loaded as `serve --config FILE` loads them:
+    /// every key is a real one, every value valid, and each names the store it is for. The
+    /// environment layer is kept but emptied, so neither the test runner's own `SESSIOND_TEST_*`
+    /// variables nor a developer's `SESSIOND_STORE` join in. Loading does not read
+    /// `api_key_file` (the server reads it when it starts), so the path need not exist here.
+    #[test]
+    fn the_deploy_examples_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let no_env = env_layer().filter(|_| false);
+            let cfg = Config::load_layers(Some(&path), no_env, &Overrides::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let kind = crate::StoreUrl::parse(cfg.store.as_deref()).unwrap();
+            match name.as_str() {
+                "sessiond.postgres.toml" => assert!(matches!(kind, crate::StoreUrl::Postgres(_))),
+                "sessiond.redis.toml" => {
+                    assert!(matches!(kind, crate::StoreUrl::Redis(u) if u.starts_with("redis://")));
+                }
+                "sessiond.redis-cluster.toml" => {
+                    assert!(
+                        matches!(kind, crate::StoreUrl::Redis(u) if u.starts_with("redis+cluster://"))
+                    );
+                }
+                other => panic!("an example nobody checks: {other}"),
+            }
+            assert!(cfg.api_key.is_none(), "{name}: no inline secrets");
+            assert!(cfg.api_key_file.is_some(), "{name}: keys come from a file");
+            seen.push(name);
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let load = |text: &str| {
+            std::fs::write(&f, text).unwrap();
+            let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::file(&f));
+            Config::extract(&fig)
+        };
+        assert!(load("store = \"redis+cluster://127.0.0.1:7000\"").is_ok());
+        let e = load("stor = \"embedded\"").unwrap_err().to_string();
+        assert!(e.contains("stor"), "{e}");
+        let e = load("store = \"mysql://x\"").unwrap_err().to_string();
+        assert!(e.contains("store"), "{e}");
+    }
+}

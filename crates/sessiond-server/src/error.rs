@@ -1,0 +1,119 @@
+//! The one place where errors become `application/problem+json` responses (RFC 9457).
+//!
+//! Internal details (store messages) never reach a client: they are logged with the request id,
+//! and the client gets a generic detail and a stable code.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sessiond_api::{Problem, codes};
+use sessiond_core::CoreError;
+use sessiond_core::store::StoreError;
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A lifecycle error from the core.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// Missing or wrong API key.
+    #[error("a valid API key is required: send 'Authorization: Bearer <key>'")]
+    Unauthorized,
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The body is over the limit.
+    #[error("the request body is over the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    /// The body is not JSON.
+    #[error("the request body must be JSON, sent with 'Content-Type: application/json'")]
+    UnsupportedMediaType,
+    /// No route.
+    #[error("no such resource")]
+    NotFound,
+    /// The route exists, the method does not.
+    #[error("method not allowed on this resource")]
+    MethodNotAllowed,
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::Core(CoreError::Store(e))
+    }
+}
+
+fn problem(status: StatusCode, code: &str, detail: String) -> Response {
+    let body = Problem {
+        kind: format!("urn:sessiond:problem:{code}"),
+        title: status.canonical_reason().unwrap_or("Error").to_owned(),
+        status: status.as_u16(),
+        detail,
+        code: code.to_owned(),
+    };
+    let text = serde_json::to_vec(&body).unwrap_or_default();
+    let mut res = (status, text).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    res
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        use StatusCode as S;
+        let detail = self.to_string();
+        let (status, code, detail) = match self {
+            ApiError::Unauthorized => (S::UNAUTHORIZED, codes::UNAUTHORIZED, detail),
+            ApiError::InvalidRequest(_) => (S::BAD_REQUEST, codes::INVALID_REQUEST, detail),
+            ApiError::PayloadTooLarge(_) => {
+                (S::PAYLOAD_TOO_LARGE, codes::PAYLOAD_TOO_LARGE, detail)
+            }
+            ApiError::UnsupportedMediaType => (
+                S::UNSUPPORTED_MEDIA_TYPE,
+                codes::UNSUPPORTED_MEDIA_TYPE,
+                detail,
+            ),
+            ApiError::NotFound => (S::NOT_FOUND, codes::NOT_FOUND, detail),
+            ApiError::MethodNotAllowed => {
+                (S::METHOD_NOT_ALLOWED, codes::METHOD_NOT_ALLOWED, detail)
+            }
+            ApiError::Core(e) => match e {
+                CoreError::InvalidRequest(_) => (S::BAD_REQUEST, codes::INVALID_REQUEST, detail),
+                CoreError::InvalidPolicy(_) => (S::BAD_REQUEST, codes::INVALID_POLICY, detail),
+                CoreError::SessionUnknown => (S::UNAUTHORIZED, codes::SESSION_UNKNOWN, detail),
+                CoreError::SessionExpired => (S::UNAUTHORIZED, codes::SESSION_EXPIRED, detail),
+                CoreError::SessionRevoked => (S::UNAUTHORIZED, codes::SESSION_REVOKED, detail),
+                CoreError::ReauthenticationRequired(_) => {
+                    (S::FORBIDDEN, codes::REAUTHENTICATION_REQUIRED, detail)
+                }
+                CoreError::SessionLimitReached => {
+                    (S::CONFLICT, codes::SESSION_LIMIT_REACHED, detail)
+                }
+                CoreError::SessionNotActive => (S::CONFLICT, codes::SESSION_NOT_ACTIVE, detail),
+                CoreError::DataTooLarge { .. } => {
+                    (S::PAYLOAD_TOO_LARGE, codes::DATA_TOO_LARGE, detail)
+                }
+                CoreError::NotFound => (S::NOT_FOUND, codes::NOT_FOUND, detail),
+                CoreError::Conflict => (S::CONFLICT, codes::CONFLICT, detail),
+                CoreError::Store(e) => {
+                    tracing::error!(error = %e, "store failure");
+                    (
+                        S::SERVICE_UNAVAILABLE,
+                        codes::STORE_UNAVAILABLE,
+                        "the session store cannot be reached; no session can be verified"
+                            .to_owned(),
+                    )
+                }
+                CoreError::Internal(m) => {
+                    tracing::error!(error = %m, "internal error");
+                    (
+                        S::INTERNAL_SERVER_ERROR,
+                        codes::INTERNAL,
+                        "internal error".to_owned(),
+                    )
+                }
+            },
+        };
+        problem(status, code, detail)
+    }
+}

@@ -1,0 +1,388 @@
+//! The sessiond HTTP server: [`router`] builds the axum app from an [`AppState`]; [`Server`]
+//! wires configuration, store, background tasks and graceful shutdown around it.
+//!
+//! - [`config`]: layered configuration;
+//! - [`extract`]: strict JSON/query extractors and the API-key guard;
+//! - [`handlers`]: one thin function per endpoint;
+//! - [`error`]: the single mapping of errors to problem responses.
+
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod handlers;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRef, Request};
+use axum::http::{HeaderName, HeaderValue, header};
+use axum::routing::{get, post};
+use sessiond_core::events::{EventSink, LogSink};
+use sessiond_core::policy::Policy;
+use sessiond_core::service::{ServiceConfig, SessionService};
+use sessiond_core::store::SessionStore;
+use sessiond_core::time::{Clock, SystemClock};
+use sessiond_core::token::TokenFormat;
+use sessiond_store::postgres::{PostgresOptions, PostgresStore};
+use sessiond_store::redis::{RedisOptions, RedisStore};
+use sessiond_store::{EmbeddedOptions, EmbeddedStore};
+use tokio::net::TcpListener;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::{Config, ConfigError};
+use crate::error::ApiError;
+use crate::extract::ApiKeys;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The lifecycle operations.
+    pub service: Arc<SessionService>,
+    /// The API keys.
+    pub keys: ApiKeys,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+impl FromRef<AppState> for ApiKeys {
+    fn from_ref(s: &AppState) -> Self {
+        s.keys.clone()
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter, unless the caller sent one.
+#[derive(Clone)]
+struct RequestIds {
+    prefix: Arc<str>,
+    next: Arc<AtomicU64>,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        // Eight random characters (from a fresh handle) tell processes apart in the logs.
+        let prefix = sessiond_core::token::SessionHandle::generate()
+            .map(|h| h.as_str()[4..12].to_owned())
+            .unwrap_or_else(|_| "sessiond".to_owned());
+        Self {
+            prefix: prefix.into(),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _req: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// Builds the app: every route of the API v1, with its layers.
+pub fn router(state: AppState) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let v1 = Router::new()
+        .route("/v1/sessions", post(handlers::create))
+        .route("/v1/sessions/verify", post(handlers::verify))
+        .route("/v1/sessions/rotate", post(handlers::rotate))
+        .route(
+            "/v1/sessions/reauthenticate",
+            post(handlers::reauthenticate),
+        )
+        .route("/v1/sessions/logout", post(handlers::logout))
+        .route(
+            "/v1/sessions/{handle}",
+            get(handlers::get_session)
+                .patch(handlers::patch_session)
+                .delete(handlers::revoke_session),
+        )
+        .route(
+            "/v1/users/{user_id}/sessions",
+            get(handlers::list_user_sessions).delete(handlers::force_logout),
+        )
+        .route(
+            "/v1/tenants/{tenant}/policy",
+            get(handlers::get_policy).put(handlers::put_policy),
+        )
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state)
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::debug_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(SetRequestIdLayer::new(x_request_id, RequestIds::new()))
+}
+
+async fn fallback() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// A server start-up failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] sessiond_core::store::StoreError),
+    /// The listener could not be bound or served.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the store the configuration names, applying migrations first if `migrate` is set
+/// (stores without migrations ignore it).
+pub async fn open_store(
+    config: &Config,
+    default_policy: Policy,
+    migrate: bool,
+) -> Result<Arc<dyn SessionStore>, ServerError> {
+    let flush_interval = Duration::from_millis(config.flush_interval_ms);
+    match StoreUrl::parse(config.store.as_deref())? {
+        StoreUrl::Embedded => {
+            let store = EmbeddedStore::open(
+                &config.data_dir,
+                EmbeddedOptions {
+                    default_policy,
+                    flush_interval,
+                },
+            )?;
+            tracing::info!(dir = %config.data_dir.display(), "store: embedded");
+            Ok(Arc::new(store))
+        }
+        StoreUrl::Postgres(url) => {
+            let store = PostgresStore::connect(PostgresOptions {
+                schema: config.store_schema.clone(),
+                default_policy,
+                flush_interval,
+                ..PostgresOptions::new(url)
+            })?;
+            if migrate {
+                store.migrate(config.store_schema.as_deref()).await?;
+            }
+            tracing::info!(url = %redact_url(url), "store: postgres");
+            Ok(Arc::new(store))
+        }
+        StoreUrl::Redis(url) => {
+            let store = RedisStore::connect(RedisOptions {
+                prefix: config.store_prefix.clone(),
+                default_policy,
+                flush_interval,
+                retention: Duration::from_secs(config.retention_s),
+                ..RedisOptions::new(url)
+            })?;
+            tracing::info!(url = %redact_url(url), prefix = %config.store_prefix, "store: redis");
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Which store a `store` setting names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl<'a> {
+    /// The embedded store in `data_dir`.
+    Embedded,
+    /// A PostgreSQL URL.
+    Postgres(&'a str),
+    /// A Redis or Redis Cluster URL.
+    Redis(&'a str),
+}
+
+impl<'a> StoreUrl<'a> {
+    /// Parses the `store` setting: absent or `embedded`, a `postgres://` URL, or a
+    /// `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://` URL.
+    pub fn parse(s: Option<&'a str>) -> Result<Self, ConfigError> {
+        const REDIS: [&str; 4] = [
+            "redis://",
+            "rediss://",
+            "redis+cluster://",
+            "rediss+cluster://",
+        ];
+        match s {
+            None | Some("embedded") => Ok(Self::Embedded),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                Ok(Self::Postgres(u))
+            }
+            Some(u) if REDIS.iter().any(|p| u.starts_with(p)) => Ok(Self::Redis(u)),
+            Some(_) => Err(ConfigError(
+                "store: 'embedded', a postgres:// URL, or a redis://, rediss://, \
+                 redis+cluster:// or rediss+cluster:// URL"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// A store URL with any password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".into();
+    };
+    let (authority, tail) = rest.split_once('/').map_or((rest, ""), |(a, t)| (a, t));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = tail.split('?').next().unwrap_or("");
+    if tail.is_empty() {
+        format!("{scheme}://{authority}")
+    } else {
+        format!("{scheme}://{authority}/{tail}")
+    }
+}
+
+/// A configured server, ready to serve.
+pub struct Server {
+    state: AppState,
+    store: Arc<dyn SessionStore>,
+    config: Config,
+}
+
+impl Server {
+    /// Opens the store and builds the app from a validated configuration.
+    pub async fn new(config: Config) -> Result<Self, ServerError> {
+        Self::with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// As [`Server::new`], with a clock of the caller's.
+    pub async fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, ServerError> {
+        config.validate()?;
+        let (keys, generated) = config.api_keys()?;
+        if let Some(path) = generated {
+            tracing::warn!(
+                path = %path.display(),
+                "no API key configured: using the key in this file (generated on first start); \
+                 send it as 'Authorization: Bearer <key>'"
+            );
+        }
+        let default_policy = Policy::new(config.default_policy.clone())
+            .map_err(|e| ConfigError(format!("default_policy: {e}")))?;
+        let store = open_store(&config, default_policy, config.migrate_on_start).await?;
+        let events: Arc<dyn EventSink> = Arc::new(LogSink);
+        let token_format = TokenFormat::new(&config.token_prefix)
+            .map_err(|e| ConfigError(format!("token_prefix: {e}")))?;
+        let service = SessionService::new(
+            store.clone(),
+            clock,
+            events,
+            ServiceConfig {
+                token_format,
+                max_data_bytes: config.max_data_bytes,
+            },
+        );
+        let state = AppState {
+            service: Arc::new(service),
+            keys: ApiKeys::new(keys.iter().map(String::as_str)),
+            max_body_bytes: config.max_body_bytes,
+        };
+        Ok(Self {
+            state,
+            store,
+            config,
+        })
+    }
+
+    /// The app state (for in-process tests).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains in-flight requests (up to
+    /// the shutdown timeout) and makes batched writes durable.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let sweeper = tokio::spawn(sweep_loop(
+            self.state.service.clone(),
+            self.config.sweep_interval_s,
+            self.config.retention_s,
+        ));
+        let app = router(self.state.clone());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let graceful = {
+            let mut stop_rx = stop_rx.clone();
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            }
+        };
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(graceful)
+                .await
+        });
+        shutdown.await;
+        tracing::info!("shutting down: draining in-flight requests");
+        let _ = stop_tx.send(true);
+        let drain = Duration::from_secs(self.config.shutdown_timeout_s);
+        match tokio::time::timeout(drain, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+            Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+            Err(_) => tracing::warn!("in-flight requests did not finish in time"),
+        }
+        sweeper.abort();
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Most sweeps run back to back in one tick of the sweep interval.
+const MAX_SWEEPS_PER_TICK: usize = 100;
+
+async fn sweep_loop(service: Arc<SessionService>, interval_s: u64, retention_s: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(interval_s));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Stores sweep in bounded chunks: repeat while there is work, so a backlog clears
+        // without waiting for the next tick (bounded, so a tick always ends).
+        for _ in 0..MAX_SWEEPS_PER_TICK {
+            match service.sweep(retention_s).await {
+                Ok(r) if r.expired.is_empty() && r.purged == 0 => break,
+                Ok(r) => tracing::info!(expired = r.expired.len(), purged = r.purged, "swept"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweep failed");
+                    break;
+                }
+            }
+        }
+    }
+}

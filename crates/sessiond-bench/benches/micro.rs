@@ -1,0 +1,118 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Criterion micro-benchmarks of the pure steps of a verify: token generation (create and
+//! rotate), hashing a presented token, the liveness decision, and rendering the wire session.
+//!
+//! `cargo bench -p sessiond-bench --bench micro` measures; `-- --test` runs each once.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use sessiond_api::SessionResponse;
+use sessiond_core::policy::Policy;
+use sessiond_core::session::{
+    AuthRecord, DeviceRecord, SessionRecord, StoredSession, StoredState, liveness, to_api,
+};
+use sessiond_core::time::Timestamp;
+use sessiond_core::token::{SessionHandle, TenantId, TokenFormat, UserId};
+
+/// A fixed "now": 2026-01-01T00:00:00Z.
+const NOW_MS: i64 = 1_767_225_600_000;
+
+/// An active session created a minute before [`NOW_MS`], with `data` as its data.
+fn session(data: &str) -> StoredSession {
+    let (_, token_hash) = TokenFormat::default().generate().unwrap();
+    let created = Timestamp::from_millis(NOW_MS - 60_000);
+    StoredSession::new(Arc::new(SessionRecord {
+        handle: SessionHandle::generate().unwrap(),
+        token_hash,
+        user_id: UserId::parse("bench-user-1").unwrap(),
+        tenant: TenantId::default_tenant(),
+        created_at: created,
+        last_seen_at: created,
+        remember_me: false,
+        auth: AuthRecord {
+            method: "password".into(),
+            aal: 1,
+            authenticated_at: created,
+        },
+        device: DeviceRecord {
+            ip: Some("203.0.113.7".parse().unwrap()),
+            user_agent: Some(
+                "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0".into(),
+            ),
+            browser: Some("Firefox".into()),
+            os: Some("Linux".into()),
+        },
+        data: data.into(),
+        state: StoredState::Active,
+    }))
+}
+
+/// Session data of about 1 KiB: 16 string fields of 48 bytes.
+fn kib_of_data() -> String {
+    let map: serde_json::Map<String, serde_json::Value> = (0..16)
+        .map(|i| (format!("key_{i:02}"), "x".repeat(48).into()))
+        .collect();
+    serde_json::to_string(&map).unwrap()
+}
+
+/// Token generation and the hashing of a presented token.
+fn tokens(c: &mut Criterion) {
+    let format = TokenFormat::default();
+    c.bench_function("token/generate", |b| b.iter(|| format.generate().unwrap()));
+    let (token, _) = format.generate().unwrap();
+    let presented = token.expose().to_owned();
+    c.bench_function("token/hash_presented", |b| {
+        b.iter(|| format.hash_presented(black_box(&presented)))
+    });
+    let malformed = "sdt_not-a-token";
+    c.bench_function("token/hash_presented (malformed)", |b| {
+        b.iter(|| format.hash_presented(black_box(malformed)))
+    });
+}
+
+/// The verify decision and the rendering of its answer.
+fn decision(c: &mut Criterion) {
+    let policy = Policy::default();
+    let now = Timestamp::from_millis(NOW_MS);
+    let empty = session("{}");
+    let big_data = kib_of_data();
+    let big = session(&big_data);
+
+    c.bench_function("session/liveness", |b| {
+        b.iter(|| {
+            liveness(
+                black_box(&empty.record),
+                black_box(empty.last_seen_at),
+                black_box(&policy),
+                black_box(now),
+            )
+        })
+    });
+    c.bench_function("session/to_api (empty data)", |b| {
+        b.iter(|| to_api(black_box(&empty), &policy, black_box(now)))
+    });
+    c.bench_function("session/to_api (1 KiB data)", |b| {
+        b.iter(|| to_api(black_box(&big), &policy, black_box(now)))
+    });
+    c.bench_function("session/to_api + JSON response (empty data)", |b| {
+        b.iter(|| {
+            serde_json::to_vec(&SessionResponse {
+                session: to_api(black_box(&empty), &policy, black_box(now)),
+            })
+            .unwrap()
+        })
+    });
+    c.bench_function("session/to_api + JSON response (1 KiB data)", |b| {
+        b.iter(|| {
+            serde_json::to_vec(&SessionResponse {
+                session: to_api(black_box(&big), &policy, black_box(now)),
+            })
+            .unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, tokens, decision);
+criterion_main!(benches);

@@ -1,0 +1,290 @@
+//! The in-process scenario: `SessionService::verify` on the embedded store, no HTTP.
+//!
+//! N sessions are created through the service, then T OS threads, each driving its own
+//! current-thread tokio runtime, verify random tokens in a closed loop for S seconds.
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use sessiond_api::{CreateSessionRequest, VerifyRequest};
+use sessiond_core::events::{Event, EventSink};
+use sessiond_core::service::{ServiceConfig, SessionService};
+use sessiond_core::time::SystemClock;
+use sessiond_store::{EmbeddedOptions, EmbeddedStore};
+
+use crate::stats::{self, Latencies, Row};
+
+/// Sessions created concurrently per batch while setting up (the store commits a batch's
+/// inserts together).
+const CREATE_BATCH: usize = 512;
+
+/// Settings of the in-process scenario.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Sessions to create and verify at random.
+    pub sessions: usize,
+    /// Measured duration.
+    pub duration: Duration,
+    /// Verifying OS threads.
+    pub threads: usize,
+}
+
+/// An event sink that drops every event: the benchmark measures verify, not logging.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopSink;
+
+impl EventSink for NoopSink {
+    fn record(&self, _event: &Event) {}
+}
+
+/// What one verifying thread did.
+#[derive(Debug)]
+pub struct ThreadResult {
+    /// Verifies completed.
+    pub ops: u64,
+    /// Verifies that answered an error (must be 0: every token is valid).
+    pub errors: u64,
+    /// Time from the thread's start to its last verify.
+    pub elapsed: Duration,
+    /// Time of each iteration (one verify plus the loop's own few ns of bookkeeping).
+    pub histogram: Histogram<u64>,
+}
+
+/// The outcome of the in-process scenario.
+#[derive(Debug)]
+pub struct Report {
+    /// The settings it ran with.
+    pub settings: Settings,
+    /// How long creating the sessions took.
+    pub created_in: Duration,
+    /// Per thread.
+    pub threads: Vec<ThreadResult>,
+    /// All threads' iteration times.
+    pub histogram: Histogram<u64>,
+}
+
+impl Report {
+    /// Verifies completed by all threads.
+    pub fn ops(&self) -> u64 {
+        self.threads.iter().map(|t| t.ops).sum()
+    }
+
+    /// Errors of all threads.
+    pub fn errors(&self) -> u64 {
+        self.threads.iter().map(|t| t.errors).sum()
+    }
+
+    /// The measured wall time: the longest thread's.
+    pub fn elapsed(&self) -> Duration {
+        self.threads
+            .iter()
+            .map(|t| t.elapsed)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Verifies per second, all threads together.
+    pub fn throughput(&self) -> f64 {
+        stats::rate(self.ops(), self.elapsed())
+    }
+
+    /// Mean thread time per verify: the sum of the threads' times over all verifies.
+    pub fn mean_per_op(&self) -> Duration {
+        let busy: Duration = self.threads.iter().map(|t| t.elapsed).sum();
+        let ops = u32::try_from(self.ops().max(1)).unwrap_or(u32::MAX);
+        busy / ops
+    }
+
+    /// Prints the details.
+    pub fn print(&self) {
+        let s = &self.settings;
+        println!(
+            "in-process verify: {} sessions (created in {:.2} s, {} creates/s), {} threads, {:.1} s",
+            s.sessions,
+            self.created_in.as_secs_f64(),
+            stats::fmt_rate(stats::rate(s.sessions as u64, self.created_in)),
+            s.threads,
+            self.elapsed().as_secs_f64(),
+        );
+        for (i, t) in self.threads.iter().enumerate() {
+            let per_op = t.elapsed / u32::try_from(t.ops.max(1)).unwrap_or(u32::MAX);
+            println!(
+                "  thread {i}: {} verifies in {:.2} s = {} verifies/s, mean {} per verify, errors {}",
+                t.ops,
+                t.elapsed.as_secs_f64(),
+                stats::fmt_rate(stats::rate(t.ops, t.elapsed)),
+                stats::fmt_duration(per_op),
+                t.errors,
+            );
+        }
+        println!(
+            "  total: {} verifies = {} verifies/s; mean {} per verify per thread; errors {}",
+            self.ops(),
+            stats::fmt_rate(self.throughput()),
+            stats::fmt_duration(self.mean_per_op()),
+            self.errors(),
+        );
+        println!(
+            "  per-verify latency: {}",
+            Latencies::of(&self.histogram).line()
+        );
+    }
+
+    /// The summary row.
+    pub fn row(&self) -> Row {
+        Row {
+            scenario: format!(
+                "in-process `SessionService::verify`, {} threads",
+                self.settings.threads
+            ),
+            throughput: self.throughput(),
+            unit: "verifies/s",
+            latencies: Latencies::of(&self.histogram),
+            ratio: None,
+        }
+    }
+}
+
+/// Runs the scenario.
+pub fn run(settings: &Settings) -> anyhow::Result<Report> {
+    anyhow::ensure!(settings.sessions > 0, "--sessions must be at least 1");
+    anyhow::ensure!(settings.threads > 0, "--threads must be at least 1");
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default())
+        .context("cannot open the embedded store")?;
+    let service = Arc::new(SessionService::new(
+        Arc::new(store),
+        Arc::new(SystemClock),
+        Arc::new(NoopSink),
+        ServiceConfig::default(),
+    ));
+    let setup = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.threads)
+        .enable_all()
+        .build()
+        .context("cannot start the setup runtime")?;
+
+    let started = Instant::now();
+    let tokens = setup.block_on(create_sessions(&service, settings.sessions))?;
+    let created_in = started.elapsed();
+    let requests: Vec<VerifyRequest> = tokens
+        .into_iter()
+        .map(|token| VerifyRequest {
+            token,
+            client: None,
+            require: None,
+        })
+        .collect();
+
+    let barrier = Barrier::new(settings.threads);
+    let results: Vec<anyhow::Result<ThreadResult>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..settings.threads)
+            .map(|i| {
+                let (service, requests, barrier) = (&service, &requests, &barrier);
+                std::thread::Builder::new()
+                    .name(format!("verify-{i}"))
+                    .spawn_scoped(scope, move || {
+                        verify_loop(service, requests, settings.duration, barrier)
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a verify thread panicked"))),
+                Err(e) => Err(anyhow::anyhow!("cannot start a verify thread: {e}")),
+            })
+            .collect()
+    });
+    let threads = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let mut histogram = stats::new_histogram()?;
+    for t in &threads {
+        stats::merge(&mut histogram, &t.histogram)?;
+    }
+
+    // Leave the store tidy before its directory goes.
+    setup
+        .block_on(service.store().flush())
+        .context("final flush of the embedded store")?;
+    drop(service);
+    drop(setup);
+    drop(dir);
+
+    Ok(Report {
+        settings: settings.clone(),
+        created_in,
+        threads,
+        histogram,
+    })
+}
+
+/// Creates `n` sessions through the service, [`CREATE_BATCH`] at a time, and answers their
+/// tokens.
+async fn create_sessions(service: &Arc<SessionService>, n: usize) -> anyhow::Result<Vec<String>> {
+    let mut tokens = Vec::with_capacity(n);
+    for first in (0..n).step_by(CREATE_BATCH) {
+        let mut batch = tokio::task::JoinSet::new();
+        for i in first..(first + CREATE_BATCH).min(n) {
+            let service = service.clone();
+            batch.spawn(async move {
+                let req = CreateSessionRequest {
+                    user_id: format!("bench-user-{i}"),
+                    ..CreateSessionRequest::default()
+                };
+                service
+                    .create(&req)
+                    .await
+                    .map(|issued| issued.token.expose().to_owned())
+            });
+        }
+        while let Some(done) = batch.join_next().await {
+            tokens.push(done.context("a create task failed")??);
+        }
+    }
+    Ok(tokens)
+}
+
+/// One verifying thread: a current-thread runtime verifying random tokens until `duration`
+/// has passed. One clock read per iteration serves both the latency and the deadline.
+fn verify_loop(
+    service: &SessionService,
+    requests: &[VerifyRequest],
+    duration: Duration,
+    barrier: &Barrier,
+) -> anyhow::Result<ThreadResult> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a current-thread runtime")?;
+    let mut rng = fastrand::Rng::new();
+    let mut histogram = stats::new_histogram()?;
+    let (mut ops, mut errors) = (0u64, 0u64);
+    barrier.wait();
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut last = start;
+    rt.block_on(async {
+        while let Some(req) = requests.get(rng.usize(..requests.len())) {
+            if service.verify(req).await.is_err() {
+                errors += 1;
+            }
+            ops += 1;
+            let now = Instant::now();
+            stats::record(&mut histogram, now - last);
+            last = now;
+            if now >= deadline {
+                break;
+            }
+        }
+    });
+    Ok(ThreadResult {
+        ops,
+        errors,
+        elapsed: last - start,
+        histogram,
+    })
+}

@@ -1,0 +1,278 @@
+//! A closed-loop HTTP/1.1 load generator on hyper's client connections.
+//!
+//! C keep-alive connections each send one request, wait for the whole response, record its
+//! latency, and send the next, until the deadline. Every request carries the same headers
+//! (`Authorization: Bearer`, `Content-Type: application/json`) and one of the pre-built bodies,
+//! chosen at random.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::stats::{self, Latencies};
+
+/// Sessions created concurrently over HTTP while setting up, at most.
+pub const CREATE_CONNECTIONS: usize = 64;
+
+/// The sending half of one HTTP/1.1 connection.
+pub type Sender = SendRequest<Full<Bytes>>;
+
+/// Opens a keep-alive HTTP/1.1 connection (no Nagle) and drives it on the current runtime.
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP/1.1 handshake failed")?;
+    tokio::spawn(async move {
+        // The connection ends when its sender is dropped; an error then is of no interest.
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// What every request of a run carries.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// The request path.
+    pub path: Uri,
+    /// `Host`.
+    pub host: HeaderValue,
+    /// `Authorization`.
+    pub authorization: HeaderValue,
+}
+
+impl Target {
+    /// A target at `addr`, with `path`, authorized by the API key `key`.
+    pub fn new(addr: SocketAddr, path: &str, key: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            addr,
+            path: path
+                .parse()
+                .with_context(|| format!("bad request path {path}"))?,
+            host: HeaderValue::from_str(&addr.to_string())?,
+            authorization: HeaderValue::from_str(&format!("Bearer {key}"))
+                .context("the API key is not a valid header value")?,
+        })
+    }
+
+    /// A `POST` of a JSON body to the target.
+    pub fn request(&self, body: Bytes) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.path.clone();
+        let h = req.headers_mut();
+        h.insert(HOST, self.host.clone());
+        h.insert(AUTHORIZATION, self.authorization.clone());
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        req
+    }
+}
+
+/// Sends one request and reads the whole response.
+async fn exchange(
+    sender: &mut Sender,
+    req: Request<Full<Bytes>>,
+) -> Result<(StatusCode, Bytes), hyper::Error> {
+    sender.ready().await?;
+    let res = sender.send_request(req).await?;
+    let status = res.status();
+    let body = res.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
+/// The outcome of a load run.
+#[derive(Debug)]
+pub struct LoadReport {
+    /// Responses received.
+    pub requests: u64,
+    /// Responses whose status was not 200 (must be 0).
+    pub non_200: u64,
+    /// Requests that failed without a response (connection errors; must be 0).
+    pub errors: u64,
+    /// Wall time from the first request to the last response.
+    pub elapsed: Duration,
+    /// Latency of every response: request sent to response body read.
+    pub histogram: Histogram<u64>,
+}
+
+impl LoadReport {
+    /// Responses per second.
+    pub fn throughput(&self) -> f64 {
+        stats::rate(self.requests, self.elapsed)
+    }
+
+    /// One line of details.
+    pub fn line(&self) -> String {
+        format!(
+            "{} requests in {:.2} s = {} req/s; {}; non-200: {}, errors: {}",
+            self.requests,
+            self.elapsed.as_secs_f64(),
+            stats::fmt_rate(self.throughput()),
+            Latencies::of(&self.histogram).line(),
+            self.non_200,
+            self.errors,
+        )
+    }
+}
+
+/// What one connection did.
+struct ConnResult {
+    requests: u64,
+    non_200: u64,
+    errors: u64,
+    histogram: Histogram<u64>,
+}
+
+/// Runs the closed loop: `connections` connections for `duration`, bodies picked at random.
+pub async fn run(
+    target: &Arc<Target>,
+    bodies: &Arc<Vec<Bytes>>,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<LoadReport> {
+    anyhow::ensure!(connections > 0, "--connections must be at least 1");
+    anyhow::ensure!(!bodies.is_empty(), "no request bodies");
+    let mut senders = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        senders.push(connect(target.addr).await?);
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for sender in senders {
+        tasks.spawn(connection_loop(
+            target.clone(),
+            bodies.clone(),
+            sender,
+            deadline,
+        ));
+    }
+    let mut report = LoadReport {
+        requests: 0,
+        non_200: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        histogram: stats::new_histogram()?,
+    };
+    while let Some(done) = tasks.join_next().await {
+        let c = done.context("a load connection task failed")??;
+        report.requests += c.requests;
+        report.non_200 += c.non_200;
+        report.errors += c.errors;
+        stats::merge(&mut report.histogram, &c.histogram)?;
+    }
+    report.elapsed = start.elapsed();
+    Ok(report)
+}
+
+/// One connection's closed loop. A failed exchange is counted and the connection reopened.
+async fn connection_loop(
+    target: Arc<Target>,
+    bodies: Arc<Vec<Bytes>>,
+    mut sender: Sender,
+    deadline: Instant,
+) -> anyhow::Result<ConnResult> {
+    let mut rng = fastrand::Rng::new();
+    let mut out = ConnResult {
+        requests: 0,
+        non_200: 0,
+        errors: 0,
+        histogram: stats::new_histogram()?,
+    };
+    while Instant::now() < deadline {
+        let Some(body) = bodies.get(rng.usize(..bodies.len())) else {
+            break;
+        };
+        let req = target.request(body.clone());
+        let sent = Instant::now();
+        match exchange(&mut sender, req).await {
+            Ok((status, _)) => {
+                stats::record(&mut out.histogram, sent.elapsed());
+                out.requests += 1;
+                if status != StatusCode::OK {
+                    out.non_200 += 1;
+                }
+            }
+            Err(_) => {
+                out.errors += 1;
+                sender = connect(target.addr).await?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Creates `n` sessions with `POST /v1/sessions` (one user each) over up to
+/// [`CREATE_CONNECTIONS`] connections, and answers their tokens with the measurements of the
+/// creates (each one durable before its response).
+pub async fn create_sessions(
+    addr: SocketAddr,
+    key: &str,
+    n: usize,
+    connections: usize,
+) -> anyhow::Result<(Vec<String>, LoadReport)> {
+    let target = Arc::new(Target::new(addr, "/v1/sessions", key)?);
+    let workers = connections.clamp(1, CREATE_CONNECTIONS).min(n.max(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    for w in 0..workers {
+        let target = target.clone();
+        tasks.spawn(async move {
+            let mut sender = connect(target.addr).await?;
+            let mut tokens = Vec::new();
+            let mut histogram = stats::new_histogram()?;
+            for i in (w..n).step_by(workers) {
+                let body = serde_json::to_vec(&serde_json::json!({
+                    "user_id": format!("bench-user-{i}"),
+                }))?;
+                let sent = Instant::now();
+                let (status, body) = exchange(&mut sender, target.request(body.into()))
+                    .await
+                    .context("POST /v1/sessions failed")?;
+                stats::record(&mut histogram, sent.elapsed());
+                anyhow::ensure!(
+                    status == StatusCode::CREATED,
+                    "POST /v1/sessions answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                let created: serde_json::Value = serde_json::from_slice(&body)?;
+                let token = created
+                    .get("token")
+                    .and_then(serde_json::Value::as_str)
+                    .context("the create response has no token")?;
+                tokens.push(token.to_owned());
+            }
+            anyhow::Ok((tokens, histogram))
+        });
+    }
+    let mut tokens = Vec::with_capacity(n);
+    let mut histogram = stats::new_histogram()?;
+    while let Some(done) = tasks.join_next().await {
+        let (t, h) = done.context("a create task failed")??;
+        tokens.extend(t);
+        stats::merge(&mut histogram, &h)?;
+    }
+    let report = LoadReport {
+        requests: tokens.len() as u64,
+        non_200: 0,
+        errors: 0,
+        elapsed: start.elapsed(),
+        histogram,
+    };
+    Ok((tokens, report))
+}

@@ -1,0 +1,370 @@
+#![allow(clippy::print_stdout)]
+//! `sessiond-bench`: benchmarks of sessiond's verify path.
+//!
+//! - `inprocess`: `SessionService::verify` on the embedded store, on T OS threads, no HTTP;
+//! - `http`: the real server in-process, loaded over HTTP/1.1 keep-alive by a closed-loop
+//!   generator, next to a bare axum handler as the ceiling of the HTTP stack;
+//! - `stores`: HTTP create and verify on the embedded store and on PostgreSQL, Redis and Redis
+//!   Cluster where given, side by side;
+//! - `crash`: a mixed load against a real `sessiond` process killed with SIGKILL again and
+//!   again; every acknowledged operation is checked after each restart;
+//! - `all`: in-process, HTTP, and the stores given, then one markdown table (`--quick` for a
+//!   few-second smoke run in CI).
+
+mod cleanup;
+mod crash;
+mod http;
+mod inprocess;
+mod loadgen;
+mod stats;
+mod stores;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Benchmarks of sessiond's verify path.
+#[derive(Debug, Parser)]
+#[command(name = "sessiond-bench", version)]
+struct Cli {
+    /// The benchmark to run.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify in-process: SessionService on the embedded store, T threads, no HTTP.
+    Inprocess(InprocessArgs),
+    /// Verify over HTTP against the real server, and a bare axum handler for comparison.
+    Http(HttpArgs),
+    /// HTTP create and verify on each store given (and the embedded one), side by side.
+    Stores(StoresArgs),
+    /// In-process, HTTP, and the stores given, then one markdown table.
+    All(AllArgs),
+    /// Kill a real sessiond with SIGKILL under load, again and again, and check that no
+    /// acknowledged operation was lost (exits non-zero if one was).
+    Crash(CrashArgs),
+}
+
+/// Flags of `crash`.
+#[derive(Debug, Args)]
+struct CrashArgs {
+    /// How many times to kill the server.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    kills: u64,
+    /// Concurrent workers, each with its own users and sessions.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    workers: u64,
+    /// Shortest time of load before a kill, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    min_run_ms: u64,
+    /// Longest time of load before a kill, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_run_ms: u64,
+    /// Seed of the random choices [default: a random one, printed].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The sessiond binary [default: `sessiond` beside this program].
+    #[arg(long, value_name = "PATH")]
+    bin: Option<std::path::PathBuf>,
+    /// Run on PostgreSQL at this URL (a schema of its own, dropped afterwards) instead of
+    /// the embedded store.
+    #[arg(long, value_name = "URL", conflicts_with = "redis")]
+    postgres: Option<String>,
+    /// Run on Redis at this URL (a key prefix of its own, deleted afterwards).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+}
+
+/// The shared stores to measure beside the embedded one.
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// A PostgreSQL URL; the run uses a schema of its own and drops it.
+    #[arg(long, value_name = "URL", env = "SESSIOND_BENCH_POSTGRES")]
+    postgres: Option<String>,
+    /// A Redis URL; the run uses a key prefix of its own and deletes it.
+    #[arg(long, value_name = "URL", env = "SESSIOND_BENCH_REDIS")]
+    redis: Option<String>,
+    /// A Redis Cluster URL (redis+cluster://HOST:PORT,...); as for --redis.
+    #[arg(long, value_name = "URL", env = "SESSIOND_BENCH_REDIS_CLUSTER")]
+    redis_cluster: Option<String>,
+}
+
+impl StoreArgs {
+    /// The stores named, in a fixed order.
+    fn stores(&self) -> Vec<http::Store> {
+        let mut out = Vec::new();
+        if let Some(u) = &self.postgres {
+            out.push(http::Store::Postgres(u.clone()));
+        }
+        if let Some(u) = &self.redis {
+            out.push(http::Store::Redis(u.clone()));
+        }
+        if let Some(u) = &self.redis_cluster {
+            out.push(http::Store::Redis(u.clone()));
+        }
+        out
+    }
+}
+
+/// Flags of `stores`.
+#[derive(Debug, Args)]
+struct StoresArgs {
+    #[command(flatten)]
+    http: HttpArgs,
+    #[command(flatten)]
+    stores: StoreArgs,
+}
+
+/// Flags of `inprocess`.
+#[derive(Debug, Args)]
+struct InprocessArgs {
+    /// Sessions to create and verify at random.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    sessions: u64,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
+    seconds: f64,
+    /// Verifying OS threads, each with a current-thread runtime [default: number of cores].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
+}
+
+/// Flags of `http`.
+#[derive(Debug, Args)]
+struct HttpArgs {
+    /// Measured seconds of each run (hello, then sessiond).
+    #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
+    seconds: f64,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    connections: u64,
+    /// Sessions to create (over HTTP) and verify at random.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    sessions: u64,
+    /// Unmeasured seconds of load before each measured run.
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_seconds)]
+    warmup_seconds: f64,
+    /// Worker threads of the servers' tokio runtime.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    server_threads: u64,
+    /// Worker threads of the load generator's tokio runtime.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    client_threads: u64,
+}
+
+/// Flags of `all`.
+#[derive(Debug, Args)]
+struct AllArgs {
+    /// Smoke run: 1 second per scenario, 1000 sessions, no warm-up (explicit flags still win).
+    #[arg(long)]
+    quick: bool,
+    /// Measured seconds per scenario [default: 5, or 1 with --quick].
+    #[arg(long, value_parser = positive_seconds)]
+    seconds: Option<f64>,
+    /// Sessions per scenario [default: 10000, or 1000 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    sessions: Option<u64>,
+    /// Unmeasured seconds of HTTP load before each measured run [default: 1, or 0 with --quick].
+    #[arg(long, value_parser = non_negative_seconds)]
+    warmup_seconds: Option<f64>,
+    /// In-process verifying threads [default: number of cores].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
+    /// Concurrent HTTP connections.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    connections: u64,
+    /// Worker threads of the servers' tokio runtime.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    server_threads: u64,
+    /// Worker threads of the load generator's tokio runtime.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    client_threads: u64,
+    #[command(flatten)]
+    stores: StoreArgs,
+}
+
+/// Parses a strictly positive number of seconds.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+/// Parses a number of seconds that may be zero.
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a number of seconds")),
+    }
+}
+
+/// The number of cores, or 1 if it cannot be told.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// A count from the command line as a `usize`.
+fn count(n: u64) -> anyhow::Result<usize> {
+    usize::try_from(n).map_err(|_| anyhow::anyhow!("{n} is too large"))
+}
+
+/// Prints the summary table.
+fn print_table(rows: &[stats::Row]) {
+    println!();
+    print!("{}", stats::table(rows));
+}
+
+/// Fails if any verify or request failed: a benchmark of errors measures nothing.
+fn check_in_process(r: &inprocess::Report) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        r.errors() == 0,
+        "{} in-process verifies failed; every token should be valid",
+        r.errors()
+    );
+    Ok(())
+}
+
+/// The HTTP settings of `http` and `stores`.
+fn http_settings(a: &HttpArgs) -> anyhow::Result<http::Settings> {
+    Ok(http::Settings {
+        sessions: count(a.sessions)?,
+        duration: Duration::from_secs_f64(a.seconds),
+        warmup: Duration::from_secs_f64(a.warmup_seconds),
+        connections: count(a.connections)?,
+        server_threads: count(a.server_threads)?,
+        client_threads: count(a.client_threads)?,
+    })
+}
+
+/// Fails if any request of the stores scenario failed or answered other than expected.
+fn check_stores(r: &stores::Report) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        r.failures() == 0,
+        "{} HTTP requests of the stores scenario failed or answered other than 200",
+        r.failures()
+    );
+    Ok(())
+}
+
+/// Fails if any HTTP request failed or answered other than 200.
+fn check_http(r: &http::Report) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        r.failures() == 0,
+        "{} HTTP requests failed or answered other than 200 (hello: {} non-200, {} errors; \
+         sessiond: {} non-200, {} errors)",
+        r.failures(),
+        r.hello.non_200,
+        r.hello.errors,
+        r.sessiond.non_200,
+        r.sessiond.errors,
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inprocess(a) => {
+            let report = inprocess::run(&inprocess::Settings {
+                sessions: count(a.sessions)?,
+                duration: Duration::from_secs_f64(a.seconds),
+                threads: a.threads.map_or(Ok(cores()), count)?,
+            })?;
+            report.print();
+            print_table(&[report.row()]);
+            check_in_process(&report)
+        }
+        Command::Http(a) => {
+            let report = http::run(&http_settings(&a)?)?;
+            report.print();
+            print_table(&report.rows());
+            check_http(&report)
+        }
+        Command::Stores(a) => {
+            let report = stores::run(&http_settings(&a.http)?, &a.stores.stores())?;
+            report.print();
+            check_stores(&report)
+        }
+        Command::Crash(a) => {
+            let bin = match a.bin {
+                Some(b) => b,
+                None => std::env::current_exe()?
+                    .parent()
+                    .map(|d| d.join("sessiond"))
+                    .ok_or_else(|| anyhow::anyhow!("cannot tell where sessiond is; pass --bin"))?,
+            };
+            let store = match (a.postgres, a.redis) {
+                (Some(u), _) => http::Store::Postgres(u),
+                (None, Some(u)) => http::Store::Redis(u),
+                (None, None) => http::Store::Embedded,
+            };
+            let report = crash::run(&crash::Settings {
+                bin,
+                store,
+                kills: count(a.kills)?,
+                workers: count(a.workers)?,
+                min_run: Duration::from_millis(a.min_run_ms),
+                max_run: Duration::from_millis(a.max_run_ms),
+                seed: a.seed.unwrap_or_else(|| fastrand::u64(..)),
+            })?;
+            report.print();
+            anyhow::ensure!(
+                report.counts.lost == 0 && report.counts.server_errors == 0,
+                "{} acknowledged operations lost, {} unexpected server errors",
+                report.counts.lost,
+                report.counts.server_errors
+            );
+            Ok(())
+        }
+        Command::All(a) => {
+            let (seconds, sessions, warmup) = if a.quick {
+                (1.0, 1_000, 0.0)
+            } else {
+                (5.0, 10_000, 1.0)
+            };
+            let seconds = Duration::from_secs_f64(a.seconds.unwrap_or(seconds));
+            let sessions = count(a.sessions.unwrap_or(sessions))?;
+            let warmup = Duration::from_secs_f64(a.warmup_seconds.unwrap_or(warmup));
+            let in_process = inprocess::run(&inprocess::Settings {
+                sessions,
+                duration: seconds,
+                threads: a.threads.map_or(Ok(cores()), count)?,
+            })?;
+            in_process.print();
+            println!();
+            let settings = http::Settings {
+                sessions,
+                duration: seconds,
+                warmup,
+                connections: count(a.connections)?,
+                server_threads: count(a.server_threads)?,
+                client_threads: count(a.client_threads)?,
+            };
+            let over_http = http::run(&settings)?;
+            over_http.print();
+            let shared = a.stores.stores();
+            let on_stores = if shared.is_empty() {
+                None
+            } else {
+                println!();
+                let r = stores::run(&settings, &shared)?;
+                r.print();
+                Some(r)
+            };
+            let mut rows = vec![in_process.row()];
+            rows.extend(over_http.rows());
+            if let Some(r) = &on_stores {
+                // The embedded store's rows are already there, from the HTTP scenario.
+                rows.extend(r.rows().into_iter().skip(2));
+            }
+            print_table(&rows);
+            check_in_process(&in_process)?;
+            check_http(&over_http)?;
+            on_stores.as_ref().map_or(Ok(()), check_stores)
+        }
+    }
+}

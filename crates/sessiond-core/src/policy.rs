@@ -98,14 +98,14 @@ fn validate_cookie(c: &CookiePolicy) -> Result<(), CoreError> {
     if c.name.is_empty() || c.name.len() > 128 || !c.name.bytes().all(is_cookie_name_char) {
         return bad("cookie.name must be 1 to 128 characters of an HTTP token");
     }
+    // RFC 6265 path-value: US-ASCII without controls or ';'. Spaces are refused as well, and so
+    // is anything outside ASCII: a header value with such bytes is refused by HTTP stacks.
     if !c.path.starts_with('/')
         || c.path.len() > 256
-        || c.path
-            .bytes()
-            .any(|b| b.is_ascii_control() || b == b';' || b == b' ')
+        || c.path.bytes().any(|b| !b.is_ascii_graphic() || b == b';')
     {
         return bad(
-            "cookie.path must start with '/' and hold no ';', spaces or control characters",
+            "cookie.path must start with '/' and hold only visible ASCII characters other than ';'",
         );
     }
     if let Some(d) = &c.domain {
@@ -222,6 +222,34 @@ mod tests {
                 absolute_s: 2_592_000
             }
         );
+    }
+
+    #[test]
+    fn cookie_paths_outside_visible_ascii_are_refused() {
+        // Every path here would put a byte into the Set-Cookie value that is not allowed there.
+        for path in [
+            "/caf\u{e9}",
+            "/a\u{85}b",
+            "/\u{2028}",
+            "/a\u{7f}",
+            "/a\tb",
+            "/a b",
+            "/a;b",
+        ] {
+            let d = doc(|d| {
+                d.cookie.name = "sid".into();
+                d.cookie.path = path.into();
+            });
+            match Policy::new(d) {
+                Err(CoreError::InvalidPolicy(m)) => assert!(m.contains("cookie.path"), "{m}"),
+                other => panic!("path {path:?} gave {other:?}"),
+            }
+        }
+        let d = doc(|d| {
+            d.cookie.name = "sid".into();
+            d.cookie.path = "/app/~user-1_(x)%20,!".into();
+        });
+        assert!(Policy::new(d).is_ok());
     }
 
     #[test]

@@ -481,4 +481,19 @@ mod tests {
             Err(CoreError::DataTooLarge { .. })
         ));
     }
+
+    #[test]
+    fn stored_data_reads_back_with_the_same_numbers() {
+        // Numbers that only fit an f64 must survive encode_data and the parse in to_api unchanged.
+        let sent = r#"{"big":104847464738446744073709551617,"f":1.0484746473844676e29,"x":0.1}"#;
+        let data: Map<String, Value> = serde_json::from_str(sent).unwrap();
+        let mut r = rec(0, false);
+        r.data = encode_data(&data, 1024).unwrap().into();
+        let s = StoredSession::new(Arc::new(r));
+        let shown = to_api(&s, &policy(10, 25), Timestamp::from_millis(0)).data;
+        assert_eq!(shown, data);
+        let again: Map<String, Value> =
+            serde_json::from_str(&encode_data(&shown, 1024).unwrap()).unwrap();
+        assert_eq!(again, data);
+    }
 }

@@ -16,6 +16,7 @@ pub type JsonObject = Map<String, Value>;
 
 /// How the user proved who they are, as told by the application at create or step-up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AuthInput {
     /// The authentication method, for example `password`, `webauthn`, `oidc`.
@@ -23,6 +24,7 @@ pub struct AuthInput {
     pub method: Option<String>,
     /// Authenticator assurance level (NIST SP 800-63B): 1, 2 or 3.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3))]
     pub aal: Option<u8>,
     /// When the user authenticated; defaults to now. Not accepted in the future.
     #[serde(default)]
@@ -31,6 +33,7 @@ pub struct AuthInput {
 
 /// The end user's client, as seen by the application.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClientInput {
     /// The client's IP address (IPv4 or IPv6).
@@ -43,9 +46,11 @@ pub struct ClientInput {
 
 /// `POST /v1/sessions`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateSessionRequest {
     /// The authenticated user's id (required, non-empty).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub user_id: String,
     /// The tenant whose policy applies; `default` when absent.
     #[serde(default)]
@@ -61,11 +66,13 @@ pub struct CreateSessionRequest {
     pub client: Option<ClientInput>,
     /// Initial application session data.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub data: Option<JsonObject>,
 }
 
 /// Step-up requirements a verify can ask for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Requirements {
     /// The user must have authenticated at most this many seconds ago.
@@ -73,11 +80,13 @@ pub struct Requirements {
     pub max_auth_age_s: Option<u64>,
     /// The session's assurance level must be at least this.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3))]
     pub min_aal: Option<u8>,
 }
 
 /// `POST /v1/sessions/verify`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     /// The session token presented by the user.
@@ -92,6 +101,7 @@ pub struct VerifyRequest {
 
 /// `POST /v1/sessions/rotate` and `POST /v1/sessions/logout`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     /// The session token.
@@ -100,6 +110,7 @@ pub struct TokenRequest {
 
 /// `POST /v1/sessions/reauthenticate`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReauthenticateRequest {
     /// The session token.
@@ -110,18 +121,22 @@ pub struct ReauthenticateRequest {
 
 /// `PATCH /v1/sessions/{handle}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PatchSessionRequest {
     /// A JSON merge patch (RFC 7396) for the session data: a key set to `null` is removed.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub data: JsonObject,
 }
 
 /// How a session was authenticated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuthInfo {
     /// The authentication method.
     pub method: String,
     /// Authenticator assurance level, 1 to 3.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3))]
     pub aal: u8,
     /// When the user last authenticated (at create or step-up).
     #[serde(with = "timestamp")]
@@ -130,6 +145,7 @@ pub struct AuthInfo {
 
 /// Where a session is used from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Location {
     /// ISO 3166-1 alpha-2 country code.
     pub country: Option<String>,
@@ -139,6 +155,7 @@ pub struct Location {
 
 /// The device a session was created on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Device {
     /// The client IP address at create.
     pub ip: Option<String>,
@@ -154,6 +171,7 @@ pub struct Device {
 
 /// A session's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum SessionStatus {
     /// Valid until its idle or absolute expiry.
@@ -166,6 +184,7 @@ pub enum SessionStatus {
 
 /// The session object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Session {
     /// The public, non-secret id of the session.
     pub handle: String,
@@ -194,6 +213,7 @@ pub struct Session {
     /// The device.
     pub device: Device,
     /// Application session data.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub data: JsonObject,
     /// Why the session was revoked; `null` unless revoked.
     pub revoked_reason: Option<String>,
@@ -201,6 +221,7 @@ pub struct Session {
 
 /// A cookie ready for the application to send.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Cookie {
     /// The cookie name.
     pub name: String,
@@ -212,6 +233,7 @@ pub struct Cookie {
 
 /// `201` of create, `200` of rotate and reauthenticate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionWithToken {
     /// The session.
     pub session: Session,
@@ -223,6 +245,7 @@ pub struct SessionWithToken {
 
 /// `200` of verify, get, patch and delete.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionResponse {
     /// The session.
     pub session: Session,
@@ -230,6 +253,7 @@ pub struct SessionResponse {
 
 /// `200` of logout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogoutResponse {
     /// The session, now revoked (or already ended).
     pub session: Session,
@@ -239,6 +263,7 @@ pub struct LogoutResponse {
 
 /// `GET /v1/users/{user_id}/sessions`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionList {
     /// The sessions of this page, most recently seen first.
     pub sessions: Vec<Session>,
@@ -248,6 +273,7 @@ pub struct SessionList {
 
 /// `DELETE /v1/users/{user_id}/sessions`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ForceLogoutResponse {
     /// How many sessions were revoked.
     pub revoked: u64,
@@ -255,6 +281,7 @@ pub struct ForceLogoutResponse {
 
 /// What happens when a user is at the session limit and creates another session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OnLimit {
     /// Revoke the least recently used session (reason `limit_evicted`).
@@ -266,6 +293,7 @@ pub enum OnLimit {
 
 /// The cookie's `SameSite` attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SameSite {
     /// `SameSite=Strict`.
     Strict,
@@ -278,6 +306,7 @@ pub enum SameSite {
 
 /// How the session cookie is built.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CookiePolicy {
     /// Cookie name; `__Host-` names need `secure`, path `/` and no domain.
@@ -323,19 +352,24 @@ fn default_true() -> bool {
 ///
 /// Absent fields take their defaults, so `{}` is the default policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PolicyDocument {
     /// Idle timeout of a plain session.
     #[serde(default = "d_idle")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
     pub idle_timeout_s: u64,
     /// Absolute timeout of a plain session.
     #[serde(default = "d_abs")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
     pub absolute_timeout_s: u64,
     /// Idle timeout of a remember-me session.
     #[serde(default = "d_rm_idle")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
     pub remember_me_idle_timeout_s: u64,
     /// Absolute timeout of a remember-me session.
     #[serde(default = "d_rm_abs")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
     pub remember_me_absolute_timeout_s: u64,
     /// At most this many active sessions per user; `null` for no limit.
     #[serde(default)]
@@ -377,6 +411,7 @@ impl Default for PolicyDocument {
 
 /// An RFC 9457 problem: the body of every error response (`application/problem+json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Problem {
     /// A URI naming the problem type.
     #[serde(rename = "type")]
@@ -427,6 +462,10 @@ pub mod codes {
     pub const STORE_UNAVAILABLE: &str = "store_unavailable";
     /// `500`: an internal error (details are in the server log under the request id).
     pub const INTERNAL: &str = "internal";
+    /// `503`: the server is at its concurrency cap; retry after the `Retry-After` seconds.
+    pub const OVERLOADED: &str = "overloaded";
+    /// `503`: the request did not finish within the server's request timeout.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
 }
 
 #[cfg(test)]

@@ -146,13 +146,13 @@ impl Report {
 }
 
 /// A running server process.
-struct Proc {
-    child: Child,
-    base: String,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
+    pub(crate) base: String,
 }
 
 /// Starts `sessiond serve` on a free port, and waits until it listens.
-fn start(
+pub(crate) fn start(
     bin: &Path,
     dir: &Path,
     key: &str,
@@ -207,16 +207,21 @@ fn start(
 }
 
 /// What an API call answered: a status and a JSON body, or nothing (no answer).
-type Answer = Option<(StatusCode, Value)>;
+pub(crate) type Answer = Option<(StatusCode, Value)>;
 
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    key: String,
+pub(crate) struct Api {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) key: String,
 }
 
 impl Api {
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Answer {
+    pub(crate) async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Answer {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -231,7 +236,7 @@ impl Api {
         Some((status, body))
     }
 
-    async fn post(&self, path: &str, body: Value) -> Answer {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> Answer {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 }

@@ -8,6 +8,8 @@
 //!   Cluster where given, side by side;
 //! - `crash`: a mixed load against a real `sessiond` process killed with SIGKILL again and
 //!   again; every acknowledged operation is checked after each restart;
+//! - `soak`: mixed traffic against a real `sessiond` process for a bounded time, sampling its
+//!   memory, open descriptors and latency, then an overload burst past its concurrency cap;
 //! - `all`: in-process, HTTP, and the stores given, then one markdown table (`--quick` for a
 //!   few-second smoke run in CI).
 
@@ -16,6 +18,7 @@ mod crash;
 mod http;
 mod inprocess;
 mod loadgen;
+mod soak;
 mod stats;
 mod stores;
 
@@ -46,6 +49,64 @@ enum Command {
     /// Kill a real sessiond with SIGKILL under load, again and again, and check that no
     /// acknowledged operation was lost (exits non-zero if one was).
     Crash(CrashArgs),
+    /// Mixed traffic against a real sessiond for a bounded time: memory, open descriptors and
+    /// latency over time, then an overload burst (exits non-zero on errors or growth).
+    Soak(SoakArgs),
+}
+
+/// Flags of `soak`.
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// Seconds of mixed traffic.
+    #[arg(long, default_value_t = 600.0, value_parser = positive_seconds)]
+    seconds: f64,
+    /// Seconds between samples.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
+    sample_seconds: f64,
+    /// Concurrent connections of the mixed traffic.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    connections: u64,
+    /// The server's cap of requests in progress during the run.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_concurrent_requests: u64,
+    /// Seconds of the overload burst after the soak (0: none).
+    #[arg(long, default_value_t = 5.0, value_parser = non_negative_seconds)]
+    overload_seconds: f64,
+    /// Concurrent connections of the overload burst.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    overload_connections: u64,
+    /// Largest accepted ratio of resident memory at the end to after warm-up.
+    #[arg(long, default_value_t = 1.25)]
+    max_rss_growth: f64,
+    /// The sessiond binary [default: `sessiond` beside this program].
+    #[arg(long, value_name = "PATH")]
+    bin: Option<std::path::PathBuf>,
+    /// Run on PostgreSQL at this URL (a schema of its own, dropped afterwards).
+    #[arg(long, value_name = "URL", conflicts_with = "redis")]
+    postgres: Option<String>,
+    /// Run on Redis at this URL (a key prefix of its own, deleted afterwards).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+}
+
+/// The sessiond binary: the one given, or the one beside this program.
+fn sessiond_bin(given: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    match given {
+        Some(b) => Ok(b),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("sessiond"))
+            .ok_or_else(|| anyhow::anyhow!("cannot tell where sessiond is; pass --bin")),
+    }
+}
+
+/// The store named by `--postgres` / `--redis`, or the embedded one.
+fn one_store(postgres: Option<String>, redis: Option<String>) -> http::Store {
+    match (postgres, redis) {
+        (Some(u), _) => http::Store::Postgres(u),
+        (None, Some(u)) => http::Store::Redis(u),
+        (None, None) => http::Store::Embedded,
+    }
 }
 
 /// Flags of `crash`.
@@ -290,21 +351,9 @@ fn main() -> anyhow::Result<()> {
             check_stores(&report)
         }
         Command::Crash(a) => {
-            let bin = match a.bin {
-                Some(b) => b,
-                None => std::env::current_exe()?
-                    .parent()
-                    .map(|d| d.join("sessiond"))
-                    .ok_or_else(|| anyhow::anyhow!("cannot tell where sessiond is; pass --bin"))?,
-            };
-            let store = match (a.postgres, a.redis) {
-                (Some(u), _) => http::Store::Postgres(u),
-                (None, Some(u)) => http::Store::Redis(u),
-                (None, None) => http::Store::Embedded,
-            };
             let report = crash::run(&crash::Settings {
-                bin,
-                store,
+                bin: sessiond_bin(a.bin)?,
+                store: one_store(a.postgres, a.redis),
                 kills: count(a.kills)?,
                 workers: count(a.workers)?,
                 min_run: Duration::from_millis(a.min_run_ms),
@@ -318,6 +367,45 @@ fn main() -> anyhow::Result<()> {
                 report.counts.lost,
                 report.counts.server_errors
             );
+            Ok(())
+        }
+        Command::Soak(a) => {
+            let report = soak::run(&soak::Settings {
+                bin: sessiond_bin(a.bin)?,
+                store: one_store(a.postgres, a.redis),
+                duration: Duration::from_secs_f64(a.seconds),
+                sample: Duration::from_secs_f64(a.sample_seconds),
+                connections: count(a.connections)?,
+                max_concurrent_requests: count(a.max_concurrent_requests)?,
+                overload: Duration::from_secs_f64(a.overload_seconds),
+                overload_connections: count(a.overload_connections)?,
+            })?;
+            report.print();
+            anyhow::ensure!(
+                report.errors() == 0,
+                "{} requests of the mixed traffic answered other than expected",
+                report.errors()
+            );
+            anyhow::ensure!(
+                report.rss_growth() <= a.max_rss_growth,
+                "resident memory grew {:.2}x after warm-up (limit {:.2}x)",
+                report.rss_growth(),
+                a.max_rss_growth
+            );
+            anyhow::ensure!(
+                report.fd_growth() <= 16,
+                "open descriptors grew by {} after warm-up",
+                report.fd_growth()
+            );
+            if let Some(o) = &report.overload {
+                anyhow::ensure!(
+                    o.errors == 0 && o.healthy,
+                    "overload burst: {} answers other than 201 or 503 overloaded; /healthz \
+                     answered: {}",
+                    o.errors,
+                    o.healthy
+                );
+            }
             Ok(())
         }
         Command::All(a) => {

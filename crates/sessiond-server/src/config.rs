@@ -61,6 +61,12 @@ pub struct Config {
     pub flush_interval_ms: u64,
     /// Seconds to let in-flight requests finish on shutdown.
     pub shutdown_timeout_s: u64,
+    /// Requests in progress at once; past it requests are refused with `503 overloaded`.
+    pub max_concurrent_requests: usize,
+    /// Milliseconds a request may take before it is answered `503 request_timeout`.
+    pub request_timeout_ms: u64,
+    /// Open client connections at once; past it new connections wait to be accepted.
+    pub max_connections: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// The policy of tenants that have none of their own.
@@ -85,6 +91,9 @@ impl std::fmt::Debug for Config {
             .field("retention_s", &self.retention_s)
             .field("flush_interval_ms", &self.flush_interval_ms)
             .field("shutdown_timeout_s", &self.shutdown_timeout_s)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("max_connections", &self.max_connections)
             .field("log_format", &self.log_format)
             .field("default_policy", &self.default_policy)
             .finish()
@@ -109,6 +118,9 @@ impl Default for Config {
             retention_s: 7 * 24 * 3600,
             flush_interval_ms: 1000,
             shutdown_timeout_s: 30,
+            max_concurrent_requests: 1024,
+            request_timeout_ms: 10_000,
+            max_connections: 8192,
             log_format: LogFormat::Text,
             default_policy: PolicyDocument::default(),
         }
@@ -202,6 +214,15 @@ impl Config {
         }
         if !(10..=60_000).contains(&self.flush_interval_ms) {
             return bad("flush_interval_ms: between 10 and 60000".into());
+        }
+        if !(1..=1_000_000).contains(&self.max_concurrent_requests) {
+            return bad("max_concurrent_requests: between 1 and 1000000".into());
+        }
+        if !(100..=600_000).contains(&self.request_timeout_ms) {
+            return bad("request_timeout_ms: between 100 and 600000".into());
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return bad("max_connections: between 1 and 1000000".into());
         }
         crate::StoreUrl::parse(self.store.as_deref())?;
         if let Err(e) = Policy::new(self.default_policy.clone()) {
@@ -357,5 +378,14 @@ mod tests {
         assert!(e.contains("stor"), "{e}");
         let e = load("store = \"mysql://x\"").unwrap_err().to_string();
         assert!(e.contains("store"), "{e}");
+        for (text, key) in [
+            ("max_concurrent_requests = 0", "max_concurrent_requests"),
+            ("request_timeout_ms = 5", "request_timeout_ms"),
+            ("max_connections = 0", "max_connections"),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        assert!(load("max_concurrent_requests = 64\nrequest_timeout_ms = 2000").is_ok());
     }
 }

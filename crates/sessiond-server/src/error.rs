@@ -33,6 +33,12 @@ pub enum ApiError {
     /// The route exists, the method does not.
     #[error("method not allowed on this resource")]
     MethodNotAllowed,
+    /// The server is at its cap of requests in progress.
+    #[error("the server is at its limit of requests in progress; retry shortly")]
+    Overloaded,
+    /// The request ran past the request timeout.
+    #[error("the request did not finish within the server's request timeout")]
+    RequestTimeout,
 }
 
 impl From<StoreError> for ApiError {
@@ -77,6 +83,13 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed => {
                 (S::METHOD_NOT_ALLOWED, codes::METHOD_NOT_ALLOWED, detail)
             }
+            ApiError::Overloaded => {
+                let mut res = problem(S::SERVICE_UNAVAILABLE, codes::OVERLOADED, detail);
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return res;
+            }
+            ApiError::RequestTimeout => (S::SERVICE_UNAVAILABLE, codes::REQUEST_TIMEOUT, detail),
             ApiError::Core(e) => match e {
                 CoreError::InvalidRequest(_) => (S::BAD_REQUEST, codes::INVALID_REQUEST, detail),
                 CoreError::InvalidPolicy(_) => (S::BAD_REQUEST, codes::INVALID_POLICY, detail),

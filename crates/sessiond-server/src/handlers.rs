@@ -3,13 +3,14 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sessiond_api::{
     Cookie, CreateSessionRequest, ForceLogoutResponse, LogoutResponse, PatchSessionRequest,
-    PolicyDocument, ReauthenticateRequest, SessionList, SessionResponse, SessionWithToken,
+    PolicyDocument, Problem, ReauthenticateRequest, SessionList, SessionResponse, SessionWithToken,
     TokenRequest, VerifyRequest,
 };
 use sessiond_core::service::{Issued, StatusFilter};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -31,6 +32,23 @@ fn with_token(i: Issued) -> SessionWithToken {
 }
 
 /// `POST /v1/sessions`
+#[utoipa::path(
+    post,
+    path = "/v1/sessions",
+    tag = "sessions",
+    request_body(content = CreateSessionRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The session, its token and its cookie.", body = SessionWithToken),
+        (status = 400, description = "`invalid_request`: the body is not a JSON object, has an unknown field, a wrong type or an invalid value.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`session_limit_reached`: the user is at the policy's session limit and `on_limit` is `deny`.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit; `data_too_large`: the session data would be over its limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn create(
     _: Admin,
     State(s): State<AppState>,
@@ -41,6 +59,24 @@ pub async fn create(
 }
 
 /// `POST /v1/sessions/verify`
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/verify",
+    tag = "sessions",
+    request_body(content = VerifyRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The token is valid: the session, whose idle expiry slid.", body = SessionResponse),
+        (status = 400, description = "`invalid_request`: the body is not a JSON object, has an unknown field, a wrong type or an invalid value.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong; `session_unknown`, `session_expired` or `session_revoked`: the token names no active session.", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`reauthentication_required`: the session is valid but does not meet `require`.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`conflict`: a concurrent change to the same session won; retry.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn verify(
     _: Admin,
     State(s): State<AppState>,
@@ -52,6 +88,23 @@ pub async fn verify(
 }
 
 /// `POST /v1/sessions/rotate`
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/rotate",
+    tag = "sessions",
+    request_body(content = TokenRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The session, its new token and cookie; the old token no longer works.", body = SessionWithToken),
+        (status = 400, description = "`invalid_request`: the body is not a JSON object, has an unknown field, a wrong type or an invalid value.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong; `session_unknown`, `session_expired` or `session_revoked`: the token names no active session.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`conflict`: a concurrent change to the same session won; retry.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn rotate(
     _: Admin,
     State(s): State<AppState>,
@@ -61,6 +114,23 @@ pub async fn rotate(
 }
 
 /// `POST /v1/sessions/reauthenticate`
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/reauthenticate",
+    tag = "sessions",
+    request_body(content = ReauthenticateRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The step-up is recorded and the token rotated: the session, its new token and cookie.", body = SessionWithToken),
+        (status = 400, description = "`invalid_request`: the body is not a JSON object, has an unknown field, a wrong type or an invalid value.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong; `session_unknown`, `session_expired` or `session_revoked`: the token names no active session.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`conflict`: a concurrent change to the same session won; retry.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn reauthenticate(
     _: Admin,
     State(s): State<AppState>,
@@ -72,6 +142,23 @@ pub async fn reauthenticate(
 }
 
 /// `POST /v1/sessions/logout`
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/logout",
+    tag = "sessions",
+    request_body(content = TokenRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The session, now revoked (or already ended), and a cookie-clearing `Set-Cookie` value.", body = LogoutResponse),
+        (status = 400, description = "`invalid_request`: the body is not a JSON object, has an unknown field, a wrong type or an invalid value.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong; `session_unknown`: no session has this token.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`conflict`: a concurrent change to the same session won; retry.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn logout(
     _: Admin,
     State(s): State<AppState>,
@@ -85,6 +172,20 @@ pub async fn logout(
 }
 
 /// `GET /v1/sessions/{handle}`
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{handle}",
+    tag = "sessions",
+    params(("handle" = String, Path, pattern = "^ses_[A-Za-z0-9_-]{22}$", description = "The session handle (`ses_...`); any other text is `404`.")),
+    responses(
+        (status = 200, description = "The session, whatever its status.", body = SessionResponse),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no session has this handle.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn get_session(
     _: Admin,
     State(s): State<AppState>,
@@ -96,6 +197,25 @@ pub async fn get_session(
 }
 
 /// `PATCH /v1/sessions/{handle}`
+#[utoipa::path(
+    patch,
+    path = "/v1/sessions/{handle}",
+    tag = "sessions",
+    params(("handle" = String, Path, pattern = "^ses_[A-Za-z0-9_-]{22}$", description = "The session handle (`ses_...`); any other text is `404`.")),
+    request_body(content = PatchSessionRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The session with its data merged.", body = SessionResponse),
+        (status = 400, description = "`invalid_request`: the body is not a JSON object, has an unknown field, a wrong type or an invalid value.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no session has this handle.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`session_not_active`: the session is revoked or expired; `conflict`: a concurrent change won, retry.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit; `data_too_large`: the session data would be over its limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn patch_session(
     _: Admin,
     State(s): State<AppState>,
@@ -108,13 +228,33 @@ pub async fn patch_session(
 }
 
 /// Query of `DELETE /v1/sessions/{handle}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RevokeParams {
+    /// The revocation reason recorded on the session (1 to 64 of `a-z 0-9 _`); `revoked` when
+    /// absent.
+    #[param(pattern = "^[a-z0-9_]{1,64}$")]
     reason: Option<String>,
 }
 
 /// `DELETE /v1/sessions/{handle}`
+#[utoipa::path(
+    delete,
+    path = "/v1/sessions/{handle}",
+    tag = "sessions",
+    params(("handle" = String, Path, pattern = "^ses_[A-Za-z0-9_-]{22}$", description = "The session handle (`ses_...`); any other text is `404`."), RevokeParams),
+    responses(
+        (status = 200, description = "The session, now revoked (or already ended).", body = SessionResponse),
+        (status = 400, description = "`invalid_request`: an unknown query parameter or an invalid `reason`.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no session has this handle.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`conflict`: a concurrent change to the same session won; retry.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn revoke_session(
     _: Admin,
     State(s): State<AppState>,
@@ -127,7 +267,7 @@ pub async fn revoke_session(
 }
 
 /// `?status=` of a listing.
-#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Default, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StatusParam {
     /// Active only.
@@ -138,17 +278,39 @@ pub enum StatusParam {
 }
 
 /// Query of `GET /v1/users/{user_id}/sessions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// `active` (the default) or `all` (revoked and expired sessions not yet purged too).
     #[serde(default)]
+    #[param(inline)]
     status: StatusParam,
+    /// Only the sessions of this tenant; every tenant when absent.
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     tenant: Option<String>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Page size, 1 to 500; 50 when absent.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<usize>,
 }
 
 /// `GET /v1/users/{user_id}/sessions`
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/sessions",
+    tag = "users",
+    params(("user_id" = String, Path, min_length = 1, description = "The user's id."), ListParams),
+    responses(
+        (status = 200, description = "A page of the user's sessions, most recently seen first.", body = SessionList),
+        (status = 400, description = "`invalid_request`: an unknown or invalid query parameter (`limit`, `cursor`, `tenant`, `status`) or user id.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn list_user_sessions(
     _: Admin,
     State(s): State<AppState>,
@@ -173,14 +335,33 @@ pub async fn list_user_sessions(
 }
 
 /// Query of `DELETE /v1/users/{user_id}/sessions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ForceLogoutParams {
+    /// The handle of a session to keep (the one in which the password was just changed).
+    #[param(pattern = "^ses_[A-Za-z0-9_-]{22}$")]
     except: Option<String>,
+    /// Only the sessions of this tenant; every tenant when absent.
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     tenant: Option<String>,
 }
 
 /// `DELETE /v1/users/{user_id}/sessions`
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{user_id}/sessions",
+    tag = "users",
+    params(("user_id" = String, Path, min_length = 1, description = "The user's id."), ForceLogoutParams),
+    responses(
+        (status = 200, description = "How many sessions were revoked.", body = ForceLogoutResponse),
+        (status = 400, description = "`invalid_request`: an unknown or invalid query parameter (`except`, `tenant`) or user id.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn force_logout(
     _: Admin,
     State(s): State<AppState>,
@@ -195,6 +376,20 @@ pub async fn force_logout(
 }
 
 /// `GET /v1/tenants/{tenant}/policy`
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/policy",
+    tag = "tenants",
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", description = "The tenant id: 1 to 64 of `A-Z a-z 0-9 . _ -`.")),
+    responses(
+        (status = 200, description = "The tenant's policy (the default policy until one is put).", body = PolicyDocument),
+        (status = 400, description = "`invalid_request`: the tenant id is invalid.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn get_policy(
     _: Admin,
     State(s): State<AppState>,
@@ -204,6 +399,23 @@ pub async fn get_policy(
 }
 
 /// `PUT /v1/tenants/{tenant}/policy`
+#[utoipa::path(
+    put,
+    path = "/v1/tenants/{tenant}/policy",
+    tag = "tenants",
+    params(("tenant" = String, Path, pattern = "^[A-Za-z0-9._-]{1,64}$", description = "The tenant id: 1 to 64 of `A-Z a-z 0-9 . _ -`.")),
+    request_body(content = PolicyDocument, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The tenant's policy as stored.", body = PolicyDocument),
+        (status = 400, description = "`invalid_policy`: the document is not a valid policy; `invalid_request`: the body is not a JSON object or the tenant id is invalid.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn put_policy(
     _: Admin,
     State(s): State<AppState>,
@@ -218,20 +430,69 @@ pub async fn put_policy(
     Ok(Json(s.service.put_policy(&tenant, doc).await?))
 }
 
+/// The body of `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok` (live), `ready`, or `unavailable` (not ready).
+    pub status: HealthStatus,
+    /// Why the server is not ready: `store_unavailable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// The status of `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    /// The process serves.
+    Ok,
+    /// The store answers.
+    Ready,
+    /// The store does not answer.
+    Unavailable,
+}
+
 /// `GET /healthz` (public)
-pub async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses((status = 200, description = "Live: the process serves.", body = Health)),
+)]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: HealthStatus::Ok,
+        code: None,
+    })
 }
 
 /// `GET /readyz` (public)
-pub async fn readyz(State(s): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "service",
+    responses(
+        (status = 200, description = "Ready: the store answers.", body = Health),
+        (status = 503, description = "Not ready: the store does not answer (`code` is `store_unavailable`).", body = Health),
+    ),
+)]
+pub async fn readyz(State(s): State<AppState>) -> (StatusCode, Json<Health>) {
     match s.service.ready().await {
-        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))),
+        Ok(()) => (
+            StatusCode::OK,
+            Json(Health {
+                status: HealthStatus::Ready,
+                code: None,
+            }),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"status": "unavailable", "code": "store_unavailable"})),
+                Json(Health {
+                    status: HealthStatus::Unavailable,
+                    code: Some(sessiond_api::codes::STORE_UNAVAILABLE.to_owned()),
+                }),
             )
         }
     }

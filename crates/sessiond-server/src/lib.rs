@@ -5,11 +5,14 @@
 //! - [`extract`]: strict JSON/query extractors and the API-key guard;
 //! - [`handlers`]: one thin function per endpoint;
 //! - [`error`]: the single mapping of errors to problem responses.
+//! - [`openapi`]: the OpenAPI document of the API, served at `/openapi.json`.
 
 pub mod config;
 pub mod error;
 pub mod extract;
 pub mod handlers;
+pub mod limits;
+pub mod openapi;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -49,6 +52,8 @@ pub struct AppState {
     pub keys: ApiKeys,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// The concurrency cap and request timeout of the API routes.
+    pub limits: limits::Limits,
 }
 
 impl FromRef<AppState> for ApiKeys {
@@ -116,10 +121,12 @@ pub fn router(state: AppState) -> Router {
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
+    let v1 = limits::apply(v1, state.limits);
     Router::new()
         .merge(v1)
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
+        .route("/openapi.json", get(openapi::document))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -307,6 +314,10 @@ impl Server {
             service: Arc::new(service),
             keys: ApiKeys::new(keys.iter().map(String::as_str)),
             max_body_bytes: config.max_body_bytes,
+            limits: limits::Limits {
+                max_concurrent_requests: config.max_concurrent_requests,
+                request_timeout: Duration::from_millis(config.request_timeout_ms),
+            },
         };
         Ok(Self {
             state,
@@ -333,6 +344,7 @@ impl Server {
             self.config.retention_s,
         ));
         let app = router(self.state.clone());
+        let max_connections = self.config.max_connections;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let graceful = {
             let mut stop_rx = stop_rx.clone();
@@ -341,6 +353,7 @@ impl Server {
             }
         };
         let server = tokio::spawn(async move {
+            let listener = limits::LimitedListener::new(listener, max_connections);
             axum::serve(listener, app)
                 .with_graceful_shutdown(graceful)
                 .await

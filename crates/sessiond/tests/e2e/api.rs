@@ -458,6 +458,46 @@ async fn health_and_readiness_are_public() {
     assert_eq!(r.status(), StatusCode::OK);
 }
 
+/// The OpenAPI document: public, cacheable, and naming every endpoint of API v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_is_public_and_cacheable() {
+    use crate::harness::{BACKEND, Backend};
+    BACKEND
+        .scope(Backend::Embedded, async {
+            let s = Server::start();
+            let r = s.raw(Method::GET, "/openapi.json").send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.headers()["content-type"], "application/json");
+            let cache = r.headers()["cache-control"].to_str().unwrap().to_owned();
+            assert!(cache.starts_with("public"), "{cache}");
+            let etag = r.headers()["etag"].clone();
+            let doc: serde_json::Value = r.json().await.unwrap();
+            assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+            for path in [
+                "/v1/sessions",
+                "/v1/sessions/verify",
+                "/v1/sessions/rotate",
+                "/v1/sessions/reauthenticate",
+                "/v1/sessions/logout",
+                "/v1/sessions/{handle}",
+                "/v1/users/{user_id}/sessions",
+                "/v1/tenants/{tenant}/policy",
+                "/healthz",
+                "/readyz",
+            ] {
+                assert!(doc["paths"].get(path).is_some(), "{path} is not documented");
+            }
+            let again = s
+                .raw(Method::GET, "/openapi.json")
+                .header("if-none-match", etag)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+        })
+        .await
+}
+
 async fn request_ids_are_made_or_propagated() {
     let s = Server::start();
     let r = s

@@ -296,6 +296,21 @@ impl Server {
         nodes
     }
 
+    /// The process's thread count and resident memory (KiB), from `/proc`.
+    pub fn threads_and_rss(&self) -> (u64, u64) {
+        let pid = self.child.as_ref().map(Child::id).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        (field("Threads:"), field("VmRSS:"))
+    }
+
     /// Kills the process with SIGKILL (no chance to flush or clean up) and waits for it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -245,6 +245,9 @@ async fn answers<F: std::future::IntoFuture>(what: &str, f: F) -> F::Output {
         .unwrap_or_else(|_| panic!("{what}: no answer while the store was stalled"))
 }
 
+/// Concurrent verifies sent while the store is stalled.
+const STALL_BURST: usize = 200;
+
 async fn stalled_store_fails_closed_and_recovers(backend: Backend) {
     let store = Proxied::start(backend).await;
     let s = store.server(&[]).await;
@@ -282,6 +285,45 @@ async fn stalled_store_fails_closed_and_recovers(backend: Backend) {
         StatusCode::SERVICE_UNAVAILABLE
     );
     eprintln!("{backend:?}: 503 after {per_request:?} per verify while the store was stalled");
+
+    // Under load: many verifies at once against the stalled store all end in a 503, without
+    // the process piling up threads or memory.
+    let (threads_before, rss_before) = s.threads_and_rss();
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..STALL_BURST {
+        let req = s
+            .raw(Method::POST, "/v1/sessions/verify")
+            .bearer_auth(&s.key)
+            .json(&json!({"token": token}));
+        burst.spawn(async move {
+            let r = req.send().await.unwrap();
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (status, body["code"].as_str().unwrap_or_default().to_owned())
+        });
+    }
+    let mut peak = (threads_before, rss_before);
+    while !burst.is_empty() {
+        if let Ok(Some(done)) =
+            tokio::time::timeout(Duration::from_millis(100), burst.join_next()).await
+        {
+            let (status, code) = done.unwrap();
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{code}");
+            assert!(
+                code == "store_unavailable" || code == "overloaded",
+                "{code}"
+            );
+        }
+        let (t, r) = s.threads_and_rss();
+        peak = (peak.0.max(t), peak.1.max(r));
+    }
+    eprintln!(
+        "{backend:?}: {STALL_BURST} concurrent verifies on a stalled store: threads {threads_before} \
+         -> peak {}, RSS {} KiB -> peak {} KiB",
+        peak.0, rss_before, peak.1
+    );
+    assert!(peak.0 <= threads_before + 4, "threads piled up: {peak:?}");
+    assert!(peak.1 < rss_before * 2, "memory piled up: {peak:?}");
 
     // The held bytes flow on: answers to requests that timed out arrive late.
     store.proxy.restore();

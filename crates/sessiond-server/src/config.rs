@@ -41,6 +41,9 @@ pub struct Config {
     pub store_schema: Option<String>,
     /// Prefix of every Redis key.
     pub store_prefix: String,
+    /// Milliseconds a request waits for a PostgreSQL connection or a Redis answer before the
+    /// store counts as unavailable (`503 store_unavailable`).
+    pub store_timeout_ms: u64,
     /// Apply pending migrations when `serve` starts (otherwise run `sessiond migrate`).
     pub migrate_on_start: bool,
     /// The API key (prefer `api_key_file` or the `SESSIOND_API_KEY` variable).
@@ -81,6 +84,7 @@ impl std::fmt::Debug for Config {
             .field("store", &self.store.as_deref().map(crate::redact_url))
             .field("store_schema", &self.store_schema)
             .field("store_prefix", &self.store_prefix)
+            .field("store_timeout_ms", &self.store_timeout_ms)
             .field("migrate_on_start", &self.migrate_on_start)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("api_key_file", &self.api_key_file)
@@ -108,6 +112,7 @@ impl Default for Config {
             store: None,
             store_schema: None,
             store_prefix: "sd".into(),
+            store_timeout_ms: 2000,
             migrate_on_start: true,
             api_key: None,
             api_key_file: None,
@@ -214,6 +219,9 @@ impl Config {
         }
         if !(10..=60_000).contains(&self.flush_interval_ms) {
             return bad("flush_interval_ms: between 10 and 60000".into());
+        }
+        if !(50..=60_000).contains(&self.store_timeout_ms) {
+            return bad("store_timeout_ms: between 50 and 60000".into());
         }
         if !(1..=1_000_000).contains(&self.max_concurrent_requests) {
             return bad("max_concurrent_requests: between 1 and 1000000".into());
@@ -382,6 +390,7 @@ mod tests {
             ("max_concurrent_requests = 0", "max_concurrent_requests"),
             ("request_timeout_ms = 5", "request_timeout_ms"),
             ("max_connections = 0", "max_connections"),
+            ("store_timeout_ms = 10", "store_timeout_ms"),
         ] {
             let e = load(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");

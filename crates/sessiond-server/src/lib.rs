@@ -192,6 +192,7 @@ pub async fn open_store(
                 schema: config.store_schema.clone(),
                 default_policy,
                 flush_interval,
+                acquire_timeout: Duration::from_millis(config.store_timeout_ms),
                 ..PostgresOptions::new(url)
             })?;
             if migrate {
@@ -206,6 +207,7 @@ pub async fn open_store(
                 default_policy,
                 flush_interval,
                 retention: Duration::from_secs(config.retention_s),
+                timeout: Duration::from_millis(config.store_timeout_ms),
                 ..RedisOptions::new(url)
             })?;
             tracing::info!(url = %redact_url(url), prefix = %config.store_prefix, "store: redis");

@@ -250,7 +250,8 @@ const STALL_BURST: usize = 200;
 
 async fn stalled_store_fails_closed_and_recovers(backend: Backend) {
     let store = Proxied::start(backend).await;
-    let s = store.server(&[]).await;
+    // A store timeout of 1 s instead of the default 2 s: the configured value is the one used.
+    let s = store.server(&[("SESSIOND_STORE_TIMEOUT_MS", "1000")]).await;
     let (token, handle, _) = s.login("stall").await;
     let (other, other_handle, _) = s.login("stall").await;
     assert_eq!(s.verify(&token).await.status, StatusCode::OK);
@@ -264,6 +265,10 @@ async fn stalled_store_fails_closed_and_recovers(backend: Backend) {
             .problem(503, "store_unavailable");
     }
     let per_request = started.elapsed() / 3;
+    assert!(
+        per_request < Duration::from_millis(1900),
+        "the configured 1 s store timeout was not used: {per_request:?} per verify"
+    );
     answers(
         "create",
         s.post("/v1/sessions", json!({"user_id": "stall"})),

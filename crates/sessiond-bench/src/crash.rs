@@ -461,6 +461,23 @@ async fn check(api: &Api, worker: usize, model: &Model, counts: &mut Counts) {
     }
 }
 
+/// The environment that points a `sessiond` process at the store `config` names (nothing for
+/// the embedded store).
+pub(crate) fn store_env(config: &Config) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    if let Some(url) = &config.store {
+        env.push(("SESSIOND_STORE".to_owned(), url.clone()));
+        env.push((
+            "SESSIOND_STORE_PREFIX".to_owned(),
+            config.store_prefix.clone(),
+        ));
+        if let Some(schema) = &config.store_schema {
+            env.push(("SESSIOND_STORE_SCHEMA".to_owned(), schema.clone()));
+        }
+    }
+    env
+}
+
 /// Runs the scenario.
 pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     anyhow::ensure!(settings.workers > 0, "--workers must be at least 1");
@@ -475,17 +492,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     let key = key.expose().to_owned();
     let mut config = Config::default();
     let cleanup = Cleanup::configure(&mut config, &settings.store)?;
-    let mut env = Vec::new();
-    if let Some(url) = &config.store {
-        env.push(("SESSIOND_STORE".to_owned(), url.clone()));
-        env.push((
-            "SESSIOND_STORE_PREFIX".to_owned(),
-            config.store_prefix.clone(),
-        ));
-        if let Some(schema) = &config.store_schema {
-            env.push(("SESSIOND_STORE_SCHEMA".to_owned(), schema.clone()));
-        }
-    }
+    let env = store_env(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

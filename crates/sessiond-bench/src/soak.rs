@@ -20,7 +20,7 @@ use sessiond_core::token::TokenFormat;
 use sessiond_server::config::Config;
 
 use crate::cleanup::Cleanup;
-use crate::crash::{Api, start};
+use crate::crash::{Api, start, store_env};
 use crate::http::Store;
 use crate::stats::{self, fmt_duration};
 
@@ -315,16 +315,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
             settings.max_concurrent_requests.to_string(),
         ),
     ];
-    if let Some(url) = &config.store {
-        env.push(("SESSIOND_STORE".to_owned(), url.clone()));
-        env.push((
-            "SESSIOND_STORE_PREFIX".to_owned(),
-            config.store_prefix.clone(),
-        ));
-        if let Some(schema) = &config.store_schema {
-            env.push(("SESSIOND_STORE_SCHEMA".to_owned(), schema.clone()));
-        }
-    }
+    env.extend(store_env(&config));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -7,7 +7,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use sessiond_api::{CookiePolicy, OnLimit, PolicyDocument, SameSite};
+use sessiond_api::{CookiePolicy, OnLimit, PolicyDocument, SameSite, TokensPolicy};
 use sessiond_core::cookie::{clear_cookie, set_cookie};
 use sessiond_core::policy::{MAX_TIMEOUT_S, Policy};
 use sessiond_core::token::TokenFormat;
@@ -30,6 +30,8 @@ struct Doc<'a> {
     path: &'a str,
     same_site: u8,
     secure: bool,
+    /// Token mode: TTL, refresh, grace, issuer, audience.
+    tokens: Option<(u16, bool, u8, &'a str, &'a str)>,
 }
 
 impl Doc<'_> {
@@ -64,6 +66,15 @@ impl Doc<'_> {
                 },
                 secure: self.secure,
             },
+            tokens: self
+                .tokens
+                .map(|(ttl, refresh, grace, iss, aud)| TokensPolicy {
+                    access_token_ttl_s: u64::from(ttl),
+                    refresh_token: refresh,
+                    refresh_reuse_grace_s: u64::from(grace),
+                    issuer: iss.to_owned(),
+                    audience: aud.to_owned(),
+                }),
         }
     }
 }
@@ -118,6 +129,13 @@ fn check_valid(policy: &Policy, max_age: u64) {
         assert!(t.idle_s >= 1 && t.idle_s <= t.absolute_s && t.absolute_s <= MAX_TIMEOUT_S);
     }
     assert_ne!(policy.max_sessions_per_user(), Some(0));
+    if let Some(t) = policy.tokens() {
+        assert!((1..=3600).contains(&t.access_token_ttl_s));
+        assert!(t.refresh_reuse_grace_s <= 60);
+        for v in [&t.issuer, &t.audience] {
+            assert!(!v.is_empty() && v.len() <= 256 && !v.chars().any(char::is_control));
+        }
+    }
 
     let c = policy.cookie();
     let (token, _) = TokenFormat::default().generate().expect("CSPRNG");

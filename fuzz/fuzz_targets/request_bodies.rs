@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
@@ -19,6 +19,8 @@ use sessiond_api::{
     ReauthenticateRequest, Requirements, SessionStatus, TokenRequest, VerifyRequest,
 };
 use sessiond_core::CoreError;
+use sessiond_core::jwt::{Keyring, SigningAlg};
+use sessiond_core::keys::Keys;
 use sessiond_core::device::device_from;
 use sessiond_core::events::MemorySink;
 use sessiond_core::policy::Policy;
@@ -27,8 +29,8 @@ use sessiond_core::session::{
     self, AuthRecord, Liveness, SessionRecord, StoredSession, StoredState, validate_requirements,
 };
 use sessiond_core::store::{
-    DataUpdate, InsertOutcome, ListQuery, RevokeOutcome, RotateOutcome, SessionStore, StoreError,
-    SweepReport,
+    DataUpdate, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome, SessionStore,
+    StoreError, SweepReport,
 };
 use sessiond_core::time::{ManualClock, Timestamp};
 use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
@@ -53,6 +55,7 @@ struct Inner {
     by_handle: HashMap<SessionHandle, StoredSession>,
     by_hash: HashMap<TokenHash, SessionHandle>,
     policies: HashMap<TenantId, Arc<Policy>>,
+    keyring: Option<(u64, String)>,
 }
 
 /// A store in memory with the semantics the service relies on (no limits, no sweeping).
@@ -130,30 +133,21 @@ impl SessionStore for MemStore {
     async fn rotate(
         &self,
         handle: &SessionHandle,
-        expected: &TokenHash,
-        new_hash: TokenHash,
-        auth: Option<AuthRecord>,
+        change: &Rekey,
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError> {
         let mut inner = self.lock();
         let Some(s) = inner.by_handle.get(handle).cloned() else {
             return Ok(RotateOutcome::Stale);
         };
-        if !s.record.token_hash.ct_eq(expected) || !active(&inner, &s, now) {
+        if !change.matches(&s.record) || !active(&inner, &s, now) {
             return Ok(RotateOutcome::Stale);
         }
-        let mut rec = (*s.record).clone();
-        rec.token_hash = new_hash;
-        if let Some(a) = auth {
-            rec.auth = a;
-        }
-        inner.by_hash.remove(expected);
-        inner.by_hash.insert(new_hash, handle.clone());
-        Ok(RotateOutcome::Rotated(replace(
-            &mut inner,
-            rec,
-            s.last_seen_at.max(now),
-        )))
+        let rec = change.apply(&s.record, s.last_seen_at, now);
+        inner.by_hash.remove(&s.record.token_hash);
+        inner.by_hash.insert(rec.token_hash, handle.clone());
+        let seen = rec.last_seen_at;
+        Ok(RotateOutcome::Rotated(replace(&mut inner, rec, seen)))
     }
 
     async fn revoke(
@@ -260,11 +254,42 @@ impl SessionStore for MemStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.lock().keyring.clone())
+    }
+
+    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        if inner.keyring.as_ref().map(|(v, _)| *v) != expected {
+            return Ok(false);
+        }
+        inner.keyring = Some((expected.unwrap_or(0) + 1, doc.to_owned()));
+        Ok(true)
+    }
+}
+
+/// One keyring for every run: key generation is not what is fuzzed here.
+fn keyring_doc() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        Keyring::generate(SigningAlg::EdDSA, Timestamp::from_millis(NOW_MS), None)
+            .expect("a keyring")
+    })
 }
 
 fn service() -> SessionService {
+    let store = Arc::new(MemStore::default());
+    store.lock().keyring = Some((1, keyring_doc().to_owned()));
+    let keys = block_on(Keys::load_or_init(
+        store.clone(),
+        None,
+        SigningAlg::EdDSA,
+        Timestamp::from_millis(NOW_MS),
+    ))
+    .expect("the keyring loads");
     SessionService::new(
-        Arc::new(MemStore::default()),
+        store,
         Arc::new(ManualClock::new(Timestamp::from_millis(NOW_MS))),
         Arc::new(MemorySink::default()),
         ServiceConfig {
@@ -272,6 +297,7 @@ fn service() -> SessionService {
             ..ServiceConfig::default()
         },
     )
+    .with_keys(Arc::new(keys))
 }
 
 /// The only errors validation may answer for a request that parsed.
@@ -287,6 +313,8 @@ fn is_client_error(e: &CoreError) -> bool {
             | CoreError::SessionRevoked
             | CoreError::SessionNotActive
             | CoreError::ReauthenticationRequired(_)
+            | CoreError::TokenInvalid(_)
+            | CoreError::TokenExpired
     )
 }
 
@@ -341,7 +369,8 @@ fn check_create(req: &CreateSessionRequest) {
     assert!(!issued.set_cookie.contains(['\r', '\n']));
 
     let verified = block_on(svc.verify(&VerifyRequest {
-        token: token.clone(),
+        token: Some(token.clone()),
+        access_token: None,
         client: None,
         require: None,
     }))
@@ -354,7 +383,8 @@ fn check_create(req: &CreateSessionRequest) {
     assert!(clear.starts_with(&format!("{}=; ", issued.cookie_name)));
     assert!(matches!(
         block_on(svc.verify(&VerifyRequest {
-            token,
+            token: Some(token),
+            access_token: None,
             client: None,
             require: None,
         })),
@@ -370,7 +400,8 @@ fn check_verify(req: &VerifyRequest) {
     // The same request with a live token: only validation or step-up can refuse it.
     let (token, handle) = baseline(&svc);
     let live = VerifyRequest {
-        token,
+        token: Some(token),
+        access_token: None,
         ..req.clone()
     };
     match block_on(svc.verify(&live)) {

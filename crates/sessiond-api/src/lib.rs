@@ -68,6 +68,12 @@ pub struct CreateSessionRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub data: Option<JsonObject>,
+    /// Application claims to put into every access token of this session (token mode only).
+    /// Registered and sessiond claim names (`iss`, `sub`, `aud`, `exp`, `nbf`, `iat`, `jti`, `sid`,
+    /// `auth_time`, `aal`, `tenant`, ...) are refused.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub access_token_claims: Option<JsonObject>,
 }
 
 /// Step-up requirements a verify can ask for.
@@ -89,8 +95,12 @@ pub struct Requirements {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
-    /// The session token presented by the user.
-    pub token: String,
+    /// The session token presented by the user. Exactly one of `token` and `access_token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// An access token (JWT) issued in token mode. Exactly one of `token` and `access_token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
     /// The client presenting it.
     #[serde(default)]
     pub client: Option<ClientInput>,
@@ -117,6 +127,15 @@ pub struct ReauthenticateRequest {
     pub token: String,
     /// The fresh authentication.
     pub auth: AuthInput,
+}
+
+/// `POST /v1/tokens/refresh`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    /// The refresh token.
+    pub refresh_token: String,
 }
 
 /// `PATCH /v1/sessions/{handle}`.
@@ -241,8 +260,125 @@ pub struct SessionWithToken {
     pub token: String,
     /// The session cookie.
     pub cookie: Cookie,
+    /// A signed access token (JWT), when the tenant's policy has token mode on (create only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    /// When the access token expires.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "timestamp::option"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub access_token_expires_at: Option<DateTime<Utc>>,
+    /// The refresh token, when the tenant's policy has token mode on (create only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
 }
 
+/// `200` of `POST /v1/tokens/refresh`: a new access token and a new refresh token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TokenPair {
+    /// The session, its idle expiry slid.
+    pub session: Session,
+    /// The new access token (JWT).
+    pub access_token: String,
+    /// When the access token expires.
+    #[serde(with = "timestamp")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub access_token_expires_at: DateTime<Utc>,
+    /// The new refresh token; the one presented is spent.
+    pub refresh_token: String,
+}
+
+/// One public key of `GET /.well-known/jwks.json` (RFC 7517): an Ed25519 (`OKP`) or P-256
+/// (`EC`) signature key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Jwk {
+    /// Key type: `OKP` (Ed25519) or `EC` (P-256).
+    pub kty: String,
+    /// Curve: `Ed25519` or `P-256`.
+    pub crv: String,
+    /// Public key (Ed25519), or the x coordinate (P-256), base64url.
+    pub x: String,
+    /// The y coordinate (P-256), base64url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub y: Option<String>,
+    /// Key id: the `kid` of the tokens it signs.
+    pub kid: String,
+    /// Algorithm: `EdDSA` or `ES256`.
+    pub alg: String,
+    /// Always `sig`.
+    #[serde(rename = "use")]
+    pub use_: String,
+}
+
+/// `GET /.well-known/jwks.json`: every key that may have signed a live access token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JwkSet {
+    /// The keys.
+    pub keys: Vec<Jwk>,
+}
+
+/// The claims of a sessiond access token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AccessClaims {
+    /// Issuer (the tenant policy's `tokens.issuer`).
+    pub iss: String,
+    /// Audience (the tenant policy's `tokens.audience`).
+    pub aud: String,
+    /// The user id.
+    pub sub: String,
+    /// The session handle.
+    pub sid: String,
+    /// Issued at (Unix seconds).
+    pub iat: i64,
+    /// Not before (Unix seconds).
+    pub nbf: i64,
+    /// Expires (Unix seconds).
+    pub exp: i64,
+    /// When the user last authenticated (Unix seconds).
+    pub auth_time: i64,
+    /// Authenticator assurance level.
+    pub aal: u8,
+    /// The tenant.
+    pub tenant: String,
+    /// Token id.
+    pub jti: String,
+    /// The application's claims given at create.
+    #[serde(flatten)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub extra: JsonObject,
+}
+
+/// The claim names sessiond sets itself; `access_token_claims` may not use them.
+pub const RESERVED_CLAIMS: &[&str] = &[
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "nbf",
+    "iat",
+    "jti",
+    "sid",
+    "auth_time",
+    "aal",
+    "tenant",
+    "amr",
+    "acr",
+    "azp",
+    "scope",
+    "cnf",
+    "typ",
+    "kid",
+    "alg",
+];
+
+/// `PATCH /v1/sessions/{handle}`.
 /// `200` of verify, get, patch and delete.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -380,6 +516,42 @@ pub struct PolicyDocument {
     /// The session cookie.
     #[serde(default)]
     pub cookie: CookiePolicy,
+    /// Token mode: signed access tokens and rotating refresh tokens. Absent or `null`: opaque
+    /// session tokens only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokensPolicy>,
+}
+
+/// Token mode of a tenant: JWT access tokens beside the session token, and refresh tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TokensPolicy {
+    /// Lifetime of an access token, 1 to 3600 seconds; never beyond the session's absolute expiry.
+    #[serde(default = "d_access_ttl")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3600))]
+    pub access_token_ttl_s: u64,
+    /// Issue a refresh token at create.
+    #[serde(default = "default_true")]
+    pub refresh_token: bool,
+    /// For how long a spent refresh token still returns the pair it was exchanged for (concurrent
+    /// tabs), 0 to 60 seconds. Later reuse revokes the session (`theft_detected`).
+    #[serde(default = "d_grace")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 60))]
+    pub refresh_reuse_grace_s: u64,
+    /// The `iss` claim.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
+    pub issuer: String,
+    /// The `aud` claim.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
+    pub audience: String,
+}
+
+fn d_access_ttl() -> u64 {
+    300
+}
+fn d_grace() -> u64 {
+    10
 }
 
 fn d_idle() -> u64 {
@@ -405,6 +577,7 @@ impl Default for PolicyDocument {
             max_sessions_per_user: None,
             on_limit: OnLimit::EvictOldest,
             cookie: CookiePolicy::default(),
+            tokens: None,
         }
     }
 }
@@ -458,6 +631,14 @@ pub mod codes {
     pub const INVALID_POLICY: &str = "invalid_policy";
     /// `409`: a concurrent change to the same session won; retry.
     pub const CONFLICT: &str = "conflict";
+    /// `401`: a spent refresh token was presented again after the grace period; the session was
+    /// revoked (`theft_detected`).
+    pub const TOKEN_REUSED: &str = "token_reused";
+    /// `401`: the access or refresh token is malformed, has a bad signature, an unknown key, a
+    /// wrong issuer or audience, is not yet valid, or the tenant's token mode is off.
+    pub const TOKEN_INVALID: &str = "token_invalid";
+    /// `401`: the access token has expired; refresh it.
+    pub const TOKEN_EXPIRED: &str = "token_expired";
     /// `503`: the store cannot be reached; the server fails closed.
     pub const STORE_UNAVAILABLE: &str = "store_unavailable";
     /// `500`: an internal error (details are in the server log under the request id).
@@ -517,6 +698,30 @@ pub mod timestamp {
     /// Accepts any RFC 3339 timestamp.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
         DateTime::<Utc>::deserialize(d)
+    }
+
+    /// The same for an optional timestamp.
+    pub mod option {
+        use chrono::{DateTime, Utc};
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Serializes with [`super::format`], `null` for `None`.
+        pub fn serialize<S: Serializer>(
+            t: &Option<DateTime<Utc>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => super::serialize(t, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Accepts any RFC 3339 timestamp or `null`.
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            Option::<DateTime<Utc>>::deserialize(d)
+        }
     }
 
     #[cfg(test)]

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Criterion micro-benchmarks of the pure steps of a verify: token generation (create and
-//! rotate), hashing a presented token, the liveness decision, and rendering the wire session.
+//! rotate), hashing a presented token, the liveness decision, rendering the wire session, and
+//! token mode's access-token signing and verification (EdDSA and ES256).
 //!
 //! `cargo bench -p sessiond-bench --bench micro` measures; `-- --test` runs each once.
 
@@ -46,6 +47,7 @@ fn session(data: &str) -> StoredSession {
         },
         data: data.into(),
         state: StoredState::Active,
+        refresh: None,
     }))
 }
 
@@ -114,5 +116,36 @@ fn decision(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, tokens, decision);
+/// Token mode: signing an access token, and verifying one (header, key, signature, claims).
+fn access_tokens(c: &mut Criterion) {
+    use sessiond_core::jwt::{Keyring, SigningAlg};
+    let now = Timestamp::from_millis(NOW_MS);
+    let s = NOW_MS / 1000;
+    let claims = sessiond_api::AccessClaims {
+        iss: "https://auth.example".into(),
+        aud: "api".into(),
+        sub: "bench-user-1".into(),
+        sid: SessionHandle::generate().unwrap().as_str().to_owned(),
+        iat: s,
+        nbf: s,
+        exp: s + 300,
+        auth_time: s,
+        aal: 1,
+        tenant: "default".into(),
+        jti: "bench".into(),
+        extra: serde_json::Map::new(),
+    };
+    for alg in [SigningAlg::EdDSA, SigningAlg::ES256] {
+        let ring = Keyring::load(&Keyring::generate(alg, now, None).unwrap(), None).unwrap();
+        let jwt = ring.sign(&claims, now).unwrap();
+        c.bench_function(&format!("access_token/sign ({})", alg.as_str()), |b| {
+            b.iter(|| ring.sign(black_box(&claims), now).unwrap())
+        });
+        c.bench_function(&format!("access_token/verify ({})", alg.as_str()), |b| {
+            b.iter(|| ring.verify(black_box(&jwt), now).unwrap())
+        });
+    }
+}
+
+criterion_group!(benches, tokens, decision, access_tokens);
 criterion_main!(benches);

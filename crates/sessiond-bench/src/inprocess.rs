@@ -1,17 +1,23 @@
 //! The in-process scenario: `SessionService::verify` on the embedded store, no HTTP.
 //!
 //! N sessions are created through the service, then T OS threads, each driving its own
-//! current-thread tokio runtime, verify random tokens in a closed loop for S seconds.
+//! current-thread tokio runtime, verify random tokens in a closed loop for S seconds. The
+//! [`Mode`] says which token: the opaque session token, an access token (JWT) verified by the
+//! server (signature and the session's state), or an access token verified locally by the SDK
+//! (`sessiond-client`'s `AccessTokenVerifier`, signature and claims only, no store).
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use sessiond_api::{CreateSessionRequest, VerifyRequest};
+use sessiond_api::{CreateSessionRequest, PolicyDocument, TokensPolicy, VerifyRequest};
+use sessiond_client::AccessTokenVerifier;
 use sessiond_core::events::{Event, EventSink};
+use sessiond_core::jwt::SigningAlg;
+use sessiond_core::keys::Keys;
 use sessiond_core::service::{ServiceConfig, SessionService};
-use sessiond_core::time::SystemClock;
+use sessiond_core::time::{Clock, SystemClock};
 use sessiond_store::{EmbeddedOptions, EmbeddedStore};
 
 use crate::stats::{self, Latencies, Row};
@@ -29,7 +35,28 @@ pub struct Settings {
     pub duration: Duration,
     /// Verifying OS threads.
     pub threads: usize,
+    /// Which token is verified, and by whom.
+    pub mode: Mode,
 }
+
+/// Which token the scenario verifies, and by whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The opaque session token, by `SessionService::verify`.
+    Opaque,
+    /// An access token (EdDSA JWT), by `SessionService::verify`: signature, claims and the
+    /// session's state in the store.
+    AccessToken,
+    /// An access token, by the SDK's `AccessTokenVerifier` from its JWKS cache: signature and
+    /// claims, no store and no network.
+    Sdk,
+}
+
+/// Every mode, in the order of the table.
+pub const ALL_MODES: [Mode; 3] = [Mode::Opaque, Mode::AccessToken, Mode::Sdk];
+
+const ISSUER: &str = "https://bench.sessiond.invalid";
+const AUDIENCE: &str = "bench";
 
 /// An event sink that drops every event: the benchmark measures verify, not logging.
 #[derive(Debug, Default, Clone, Copy)]
@@ -101,7 +128,8 @@ impl Report {
     pub fn print(&self) {
         let s = &self.settings;
         println!(
-            "in-process verify: {} sessions (created in {:.2} s, {} creates/s), {} threads, {:.1} s",
+            "in-process verify ({:?}): {} sessions (created in {:.2} s, {} creates/s), {} threads, {:.1} s",
+            s.mode,
             s.sessions,
             self.created_in.as_secs_f64(),
             stats::fmt_rate(stats::rate(s.sessions as u64, self.created_in)),
@@ -135,10 +163,20 @@ impl Report {
     /// The summary row.
     pub fn row(&self) -> Row {
         Row {
-            scenario: format!(
-                "in-process `SessionService::verify`, {} threads",
-                self.settings.threads
-            ),
+            scenario: match self.settings.mode {
+                Mode::Opaque => format!(
+                    "in-process `SessionService::verify`, {} threads",
+                    self.settings.threads
+                ),
+                Mode::AccessToken => format!(
+                    "in-process `SessionService::verify` of an access token (EdDSA), {} threads",
+                    self.settings.threads
+                ),
+                Mode::Sdk => format!(
+                    "SDK local access-token verify (EdDSA, no network), {} threads",
+                    self.settings.threads
+                ),
+            },
             throughput: self.throughput(),
             unit: "verifies/s",
             latencies: Latencies::of(&self.histogram),
@@ -152,41 +190,78 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     anyhow::ensure!(settings.sessions > 0, "--sessions must be at least 1");
     anyhow::ensure!(settings.threads > 0, "--threads must be at least 1");
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let store = EmbeddedStore::open(dir.path(), EmbeddedOptions::default())
-        .context("cannot open the embedded store")?;
-    let service = Arc::new(SessionService::new(
-        Arc::new(store),
-        Arc::new(SystemClock),
-        Arc::new(NoopSink),
-        ServiceConfig::default(),
-    ));
+    let store: Arc<dyn sessiond_core::store::SessionStore> = Arc::new(
+        EmbeddedStore::open(dir.path(), EmbeddedOptions::default())
+            .context("cannot open the embedded store")?,
+    );
     let setup = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.threads)
         .enable_all()
         .build()
         .context("cannot start the setup runtime")?;
+    let mut service = SessionService::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        Arc::new(NoopSink),
+        ServiceConfig::default(),
+    );
+    if settings.mode != Mode::Opaque {
+        let keys = setup
+            .block_on(Keys::load_or_init(
+                store,
+                None,
+                SigningAlg::EdDSA,
+                SystemClock.now(),
+            ))
+            .context("cannot create the keyring")?;
+        service = service.with_keys(Arc::new(keys));
+        let policy = PolicyDocument {
+            tokens: Some(TokensPolicy {
+                access_token_ttl_s: 3600,
+                refresh_token: true,
+                refresh_reuse_grace_s: 10,
+                issuer: ISSUER.into(),
+                audience: AUDIENCE.into(),
+            }),
+            ..PolicyDocument::default()
+        };
+        setup
+            .block_on(service.put_policy("default", policy))
+            .context("cannot set the token-mode policy")?;
+    }
+    let service = Arc::new(service);
 
     let started = Instant::now();
-    let tokens = setup.block_on(create_sessions(&service, settings.sessions))?;
+    let tokens = setup.block_on(create_sessions(&service, settings.sessions, settings.mode))?;
     let created_in = started.elapsed();
     let requests: Vec<VerifyRequest> = tokens
-        .into_iter()
+        .iter()
         .map(|token| VerifyRequest {
-            token,
+            token: (settings.mode == Mode::Opaque).then(|| token.clone()),
+            access_token: (settings.mode != Mode::Opaque).then(|| token.clone()),
             client: None,
             require: None,
         })
         .collect();
+    let sdk = if settings.mode == Mode::Sdk {
+        Some(setup.block_on(sdk_verifier(&service))?)
+    } else {
+        None
+    };
+    let target = match &sdk {
+        Some(v) => Target::Sdk(v, &tokens),
+        None => Target::Service(&service, &requests),
+    };
 
     let barrier = Barrier::new(settings.threads);
     let results: Vec<anyhow::Result<ThreadResult>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..settings.threads)
             .map(|i| {
-                let (service, requests, barrier) = (&service, &requests, &barrier);
+                let (target, barrier) = (&target, &barrier);
                 std::thread::Builder::new()
                     .name(format!("verify-{i}"))
                     .spawn_scoped(scope, move || {
-                        verify_loop(service, requests, settings.duration, barrier)
+                        verify_loop(target, settings.duration, barrier)
                     })
             })
             .collect();
@@ -222,9 +297,66 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     })
 }
 
+/// What the verifying threads call.
+enum Target<'a> {
+    Service(&'a SessionService, &'a [VerifyRequest]),
+    Sdk(&'a AccessTokenVerifier, &'a [String]),
+}
+
+impl Target<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Service(_, r) => r.len(),
+            Self::Sdk(_, t) => t.len(),
+        }
+    }
+
+    /// Verifies the `i`th token; `true` if it is valid.
+    async fn verify(&self, i: usize) -> bool {
+        match self {
+            Self::Service(s, r) => s.verify(&r[i]).await.is_ok(),
+            Self::Sdk(v, t) => v.verify_cached(&t[i]).is_ok(),
+        }
+    }
+}
+
+/// An SDK verifier whose cache holds the service's keys, served once from a loopback JWKS
+/// endpoint as an application would fetch them.
+async fn sdk_verifier(service: &Arc<SessionService>) -> anyhow::Result<AccessTokenVerifier> {
+    let jwks = service.jwks().await.context("no keyring")?;
+    let app = axum::Router::new().route(
+        "/.well-known/jwks.json",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { axum::Json(jwks) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let verifier = AccessTokenVerifier::builder(
+        &format!("http://{addr}/.well-known/jwks.json"),
+        ISSUER,
+        AUDIENCE,
+    )
+    .build()
+    .context("cannot build the SDK verifier")?;
+    let n = verifier
+        .refresh_keys()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot fetch the JWKS: {e:?}"))?;
+    anyhow::ensure!(n > 0, "the JWKS holds no key");
+    server.abort();
+    Ok(verifier)
+}
+
 /// Creates `n` sessions through the service, [`CREATE_BATCH`] at a time, and answers their
-/// tokens.
-async fn create_sessions(service: &Arc<SessionService>, n: usize) -> anyhow::Result<Vec<String>> {
+/// session tokens, or their access tokens in the token modes.
+async fn create_sessions(
+    service: &Arc<SessionService>,
+    n: usize,
+    mode: Mode,
+) -> anyhow::Result<Vec<String>> {
     let mut tokens = Vec::with_capacity(n);
     for first in (0..n).step_by(CREATE_BATCH) {
         let mut batch = tokio::task::JoinSet::new();
@@ -235,10 +367,12 @@ async fn create_sessions(service: &Arc<SessionService>, n: usize) -> anyhow::Res
                     user_id: format!("bench-user-{i}"),
                     ..CreateSessionRequest::default()
                 };
-                service
-                    .create(&req)
-                    .await
-                    .map(|issued| issued.token.expose().to_owned())
+                service.create(&req).await.map(|issued| match mode {
+                    Mode::Opaque => issued.token.expose().to_owned(),
+                    Mode::AccessToken | Mode::Sdk => {
+                        issued.access_token.map(|(t, _)| t).unwrap_or_default()
+                    }
+                })
             });
         }
         while let Some(done) = batch.join_next().await {
@@ -251,8 +385,7 @@ async fn create_sessions(service: &Arc<SessionService>, n: usize) -> anyhow::Res
 /// One verifying thread: a current-thread runtime verifying random tokens until `duration`
 /// has passed. One clock read per iteration serves both the latency and the deadline.
 fn verify_loop(
-    service: &SessionService,
-    requests: &[VerifyRequest],
+    target: &Target<'_>,
     duration: Duration,
     barrier: &Barrier,
 ) -> anyhow::Result<ThreadResult> {
@@ -268,8 +401,12 @@ fn verify_loop(
     let deadline = start + duration;
     let mut last = start;
     rt.block_on(async {
-        while let Some(req) = requests.get(rng.usize(..requests.len())) {
-            if service.verify(req).await.is_err() {
+        let n = target.len();
+        if n == 0 {
+            return;
+        }
+        loop {
+            if !target.verify(rng.usize(..n)).await {
                 errors += 1;
             }
             ops += 1;

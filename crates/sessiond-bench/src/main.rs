@@ -191,6 +191,9 @@ struct InprocessArgs {
     /// Verifying OS threads, each with a current-thread runtime [default: number of cores].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     threads: Option<u64>,
+    /// Also verify access tokens: at the server, and locally in the SDK.
+    #[arg(long)]
+    tokens: bool,
 }
 
 /// Flags of `http`.
@@ -330,14 +333,29 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Inprocess(a) => {
-            let report = inprocess::run(&inprocess::Settings {
-                sessions: count(a.sessions)?,
-                duration: Duration::from_secs_f64(a.seconds),
-                threads: a.threads.map_or(Ok(cores()), count)?,
-            })?;
-            report.print();
-            print_table(&[report.row()]);
-            check_in_process(&report)
+            let modes: &[inprocess::Mode] = if a.tokens {
+                &inprocess::ALL_MODES
+            } else {
+                &[inprocess::Mode::Opaque]
+            };
+            let mut reports = Vec::new();
+            for &mode in modes {
+                let report = inprocess::run(&inprocess::Settings {
+                    sessions: count(a.sessions)?,
+                    duration: Duration::from_secs_f64(a.seconds),
+                    threads: a.threads.map_or(Ok(cores()), count)?,
+                    mode,
+                })?;
+                report.print();
+                reports.push(report);
+            }
+            print_table(
+                &reports
+                    .iter()
+                    .map(inprocess::Report::row)
+                    .collect::<Vec<_>>(),
+            );
+            reports.iter().try_for_each(check_in_process)
         }
         Command::Http(a) => {
             let report = http::run(&http_settings(&a)?)?;
@@ -417,13 +435,18 @@ fn main() -> anyhow::Result<()> {
             let seconds = Duration::from_secs_f64(a.seconds.unwrap_or(seconds));
             let sessions = count(a.sessions.unwrap_or(sessions))?;
             let warmup = Duration::from_secs_f64(a.warmup_seconds.unwrap_or(warmup));
-            let in_process = inprocess::run(&inprocess::Settings {
-                sessions,
-                duration: seconds,
-                threads: a.threads.map_or(Ok(cores()), count)?,
-            })?;
-            in_process.print();
-            println!();
+            let mut in_process = Vec::new();
+            for mode in inprocess::ALL_MODES {
+                let r = inprocess::run(&inprocess::Settings {
+                    sessions,
+                    duration: seconds,
+                    threads: a.threads.map_or(Ok(cores()), count)?,
+                    mode,
+                })?;
+                r.print();
+                println!();
+                in_process.push(r);
+            }
             let settings = http::Settings {
                 sessions,
                 duration: seconds,
@@ -443,14 +466,14 @@ fn main() -> anyhow::Result<()> {
                 r.print();
                 Some(r)
             };
-            let mut rows = vec![in_process.row()];
+            let mut rows: Vec<stats::Row> = in_process.iter().map(inprocess::Report::row).collect();
             rows.extend(over_http.rows());
             if let Some(r) = &on_stores {
                 // The embedded store's rows are already there, from the HTTP scenario.
                 rows.extend(r.rows().into_iter().skip(2));
             }
             print_table(&rows);
-            check_in_process(&in_process)?;
+            in_process.iter().try_for_each(check_in_process)?;
             check_http(&over_http)?;
             on_stores.as_ref().map_or(Ok(()), check_stores)
         }

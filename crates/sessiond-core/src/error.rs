@@ -43,6 +43,15 @@ pub enum CoreError {
     /// A concurrent change to the same session won.
     #[error("the session was changed concurrently; retry")]
     Conflict,
+    /// A spent refresh token was presented after the grace period; the session was revoked.
+    #[error("this refresh token has already been used; the session has been revoked")]
+    TokenReused,
+    /// The access or refresh token is not acceptable (the reason, never the token).
+    #[error("{0}")]
+    TokenInvalid(String),
+    /// The access token has expired.
+    #[error("the access token has expired")]
+    TokenExpired,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

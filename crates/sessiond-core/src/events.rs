@@ -17,6 +17,8 @@ pub enum EventKind {
     SessionRotated,
     /// A session recorded a fresh authentication (step-up).
     SessionReauthenticated,
+    /// A session exchanged its refresh token for a new pair.
+    SessionRefreshed,
     /// A session was revoked (the reason says why).
     SessionRevoked,
     /// A session timed out and was swept.
@@ -32,6 +34,7 @@ impl EventKind {
             Self::SessionCreated => "session.created",
             Self::SessionRotated => "session.rotated",
             Self::SessionReauthenticated => "session.reauthenticated",
+            Self::SessionRefreshed => "session.refreshed",
             Self::SessionRevoked => "session.revoked",
             Self::SessionExpired => "session.expired",
             Self::PolicyUpdated => "policy.updated",

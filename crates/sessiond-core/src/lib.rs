@@ -6,13 +6,18 @@
 //! - [`session`]: the session record and the lifecycle rules (expiry, step-up, limits, data);
 //! - [`store`]: the [`store::SessionStore`] port every backend implements;
 //! - [`events`]: the [`events::EventSink`] port;
+//! - [`jwt`], [`keys`], [`refresh`]: token mode: signed access tokens, the shared keyring, and
+//!   rotating refresh tokens with reuse detection;
 //! - [`service`]: [`service::SessionService`], the operations of the API over those ports.
 
 pub mod cookie;
 pub mod device;
 pub mod error;
 pub mod events;
+pub mod jwt;
+pub mod keys;
 pub mod policy;
+pub mod refresh;
 pub mod service;
 pub mod session;
 pub mod store;

@@ -1,6 +1,6 @@
 //! Tenant session policies: validation of the policy document into a [`Policy`].
 
-use sessiond_api::{CookiePolicy, PolicyDocument, SameSite};
+use sessiond_api::{CookiePolicy, PolicyDocument, SameSite, TokensPolicy};
 
 use crate::error::CoreError;
 
@@ -54,6 +54,9 @@ impl Policy {
             return bad("max_sessions_per_user must be at least 1, or null for no limit".into());
         }
         validate_cookie(&doc.cookie)?;
+        if let Some(t) = &doc.tokens {
+            validate_tokens(t)?;
+        }
         Ok(Self { doc })
     }
 
@@ -86,6 +89,35 @@ impl Policy {
     pub fn cookie(&self) -> &CookiePolicy {
         &self.doc.cookie
     }
+
+    /// Token mode, when on.
+    pub fn tokens(&self) -> Option<&TokensPolicy> {
+        self.doc.tokens.as_ref()
+    }
+}
+
+fn validate_tokens(t: &TokensPolicy) -> Result<(), CoreError> {
+    let bad = |m: String| Err(CoreError::InvalidPolicy(m));
+    let max = crate::jwt::MAX_ACCESS_TOKEN_TTL_S;
+    if t.access_token_ttl_s == 0 || t.access_token_ttl_s > max {
+        return bad(format!(
+            "tokens.access_token_ttl_s must be between 1 and {max} seconds"
+        ));
+    }
+    if t.refresh_reuse_grace_s > 60 {
+        return bad("tokens.refresh_reuse_grace_s must be between 0 and 60 seconds".into());
+    }
+    for (name, v) in [
+        ("tokens.issuer", &t.issuer),
+        ("tokens.audience", &t.audience),
+    ] {
+        if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
+            return bad(format!(
+                "{name} must be 1 to 256 characters without control characters"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn is_cookie_name_char(b: u8) -> bool {
@@ -142,6 +174,18 @@ mod tests {
         d
     }
 
+    fn tokens(f: impl FnOnce(&mut TokensPolicy)) -> TokensPolicy {
+        let mut t = TokensPolicy {
+            access_token_ttl_s: 300,
+            refresh_token: true,
+            refresh_reuse_grace_s: 10,
+            issuer: "https://auth.example".into(),
+            audience: "api".into(),
+        };
+        f(&mut t);
+        t
+    }
+
     #[test]
     fn default_policy_is_valid() {
         assert!(Policy::new(PolicyDocument::default()).is_ok());
@@ -196,7 +240,28 @@ mod tests {
                 }),
                 "cookie.domain",
             ),
+            (
+                doc(|d| d.tokens = Some(tokens(|t| t.access_token_ttl_s = 0))),
+                "access_token_ttl_s",
+            ),
+            (
+                doc(|d| d.tokens = Some(tokens(|t| t.access_token_ttl_s = 3601))),
+                "access_token_ttl_s",
+            ),
+            (
+                doc(|d| d.tokens = Some(tokens(|t| t.refresh_reuse_grace_s = 61))),
+                "refresh_reuse_grace_s",
+            ),
+            (
+                doc(|d| d.tokens = Some(tokens(|t| t.issuer = String::new()))),
+                "tokens.issuer",
+            ),
+            (
+                doc(|d| d.tokens = Some(tokens(|t| t.audience = "a\nb".into()))),
+                "tokens.audience",
+            ),
         ];
+        assert!(Policy::new(doc(|d| d.tokens = Some(tokens(|_| ())))).is_ok());
         for (d, needle) in cases {
             match Policy::new(d.clone()) {
                 Err(CoreError::InvalidPolicy(m)) => assert!(m.contains(needle), "{m} / {needle}"),

@@ -12,13 +12,16 @@ use crate::cookie;
 use crate::device::device_from;
 use crate::error::CoreError;
 use crate::events::{Event, EventKind, EventSink};
+use crate::jwt::Rejection;
+use crate::keys::Keys;
 use crate::policy::Policy;
+use crate::refresh::{self, Presented, RefreshState, RefreshToken};
 use crate::session::{
     self, AuthRecord, Liveness, SessionRecord, StoredSession, StoredState, check_requirements,
     encode_data, liveness, liveness_error, to_api, validate_requirements,
 };
 use crate::store::{
-    DataUpdate, InsertOutcome, ListQuery, RotateOutcome, SessionStore, SweepReport,
+    DataUpdate, Expect, InsertOutcome, ListQuery, Rekey, RotateOutcome, SessionStore, SweepReport,
 };
 use crate::time::{Clock, Timestamp};
 use crate::token::{SessionHandle, SessionToken, TenantId, TokenFormat, TokenHash, UserId};
@@ -59,6 +62,23 @@ pub struct Issued {
     pub cookie_name: String,
     /// The complete `Set-Cookie` value.
     pub set_cookie: String,
+    /// Token mode: the access token and when it expires.
+    pub access_token: Option<(String, Timestamp)>,
+    /// Token mode: the refresh token.
+    pub refresh_token: Option<RefreshToken>,
+}
+
+/// The answer of a refresh: the session and a new token pair.
+#[derive(Debug)]
+pub struct Refreshed {
+    /// The session, its idle expiry slid.
+    pub session: api::Session,
+    /// The new access token.
+    pub access_token: String,
+    /// When it expires.
+    pub access_token_expires_at: Timestamp,
+    /// The new refresh token.
+    pub refresh_token: RefreshToken,
 }
 
 /// Which sessions a listing shows.
@@ -76,6 +96,7 @@ pub struct SessionService {
     clock: Arc<dyn Clock>,
     events: Arc<dyn EventSink>,
     cfg: ServiceConfig,
+    keys: Option<Arc<Keys>>,
 }
 
 impl SessionService {
@@ -91,7 +112,65 @@ impl SessionService {
             clock,
             events,
             cfg,
+            keys: None,
         }
+    }
+
+    /// The service with token mode's keyring.
+    pub fn with_keys(mut self, keys: Arc<Keys>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Token mode's keyring, if configured.
+    pub fn keys(&self) -> Option<&Arc<Keys>> {
+        self.keys.as_ref()
+    }
+
+    fn keys_or_err(&self) -> Result<&Arc<Keys>, CoreError> {
+        self.keys
+            .as_ref()
+            .ok_or_else(|| CoreError::Internal("token mode needs a keyring".into()))
+    }
+
+    /// The public keys that verify access tokens.
+    pub async fn jwks(&self) -> Result<api::JwkSet, CoreError> {
+        let now = self.clock.now();
+        Ok(self.keys_or_err()?.ensure(now).await?.jwks(now))
+    }
+
+    /// Signs an access token for the session, issued at `issued`.
+    async fn access_token(
+        &self,
+        rec: &SessionRecord,
+        policy: &Policy,
+        issued: Timestamp,
+        jti: String,
+        extra: Map<String, Value>,
+    ) -> Result<Option<(String, Timestamp)>, CoreError> {
+        let Some(tp) = policy.tokens() else {
+            return Ok(None);
+        };
+        let iat = issued.as_millis().div_euclid(1000);
+        let (_, absolute) = session::expiries(rec, rec.last_seen_at, policy);
+        let exp = (iat + tp.access_token_ttl_s as i64).min(absolute.as_millis().div_euclid(1000));
+        let claims = api::AccessClaims {
+            iss: tp.issuer.clone(),
+            aud: tp.audience.clone(),
+            sub: rec.user_id.to_string(),
+            sid: rec.handle.to_string(),
+            iat,
+            nbf: iat,
+            exp,
+            auth_time: rec.auth.authenticated_at.as_millis().div_euclid(1000),
+            aal: rec.auth.aal,
+            tenant: rec.tenant.to_string(),
+            jti,
+            extra,
+        };
+        let ring = self.keys_or_err()?.ensure(self.clock.now()).await?;
+        let token = ring.sign(&claims, issued)?;
+        Ok(Some((token, Timestamp::from_millis(exp * 1000))))
     }
 
     /// The store.
@@ -133,6 +212,8 @@ impl SessionService {
             token,
             cookie_name: policy.cookie().name.clone(),
             set_cookie,
+            access_token: None,
+            refresh_token: None,
         }
     }
 
@@ -190,9 +271,31 @@ impl SessionService {
             req.data.as_ref().unwrap_or(&Map::new()),
             self.cfg.max_data_bytes,
         )?;
+        let policy = self.store.policy(&tenant).await?;
+        let tokens = policy.tokens();
+        let claims = match (&req.access_token_claims, tokens) {
+            (Some(_), None) => {
+                return Err(CoreError::InvalidRequest(
+                    "access_token_claims need token mode in the tenant's policy".into(),
+                ));
+            }
+            (Some(c), Some(_)) => {
+                refresh::validate_claims(c)?;
+                c.clone()
+            }
+            (None, _) => Map::new(),
+        };
+        let handle = SessionHandle::generate()?;
+        let (refresh_state, refresh_token) = match tokens {
+            Some(t) if t.refresh_token => {
+                let (s, tok) = RefreshState::issue(&handle, claims.clone(), now)?;
+                (Some(s), Some(tok))
+            }
+            _ => (None, None),
+        };
         let (token, token_hash) = self.cfg.token_format.generate()?;
         let record = SessionRecord {
-            handle: SessionHandle::generate()?,
+            handle,
             token_hash,
             user_id,
             tenant,
@@ -203,8 +306,11 @@ impl SessionService {
             device,
             data: data.into(),
             state: StoredState::Active,
+            refresh: refresh_state
+                .as_ref()
+                .map(RefreshState::to_text)
+                .transpose()?,
         };
-        let policy = self.store.policy(&record.tenant).await?;
         let record = Arc::new(record);
         match self.store.insert((*record).clone(), now).await? {
             InsertOutcome::LimitReached => Err(CoreError::SessionLimitReached),
@@ -220,7 +326,17 @@ impl SessionService {
                     });
                 }
                 self.emit(EventKind::SessionCreated, &record, now, None);
-                Ok(self.issued(&StoredSession::new(record), &policy, token, now))
+                let jti = match &refresh_state {
+                    Some(s) => s.jti(&record.handle),
+                    None => URL_SAFE_NO_PAD.encode(crate::token::random_bytes::<16>()?),
+                };
+                let access = self
+                    .access_token(&record, &policy, now, jti, claims)
+                    .await?;
+                let mut issued = self.issued(&StoredSession::new(record), &policy, token, now);
+                issued.access_token = access;
+                issued.refresh_token = refresh_token;
+                Ok(issued)
             }
         }
     }
@@ -259,13 +375,190 @@ impl SessionService {
         // The client is validated like at create, so a caller learns of a bad value at once.
         device_from(req.client.as_ref())?;
         let now = self.clock.now();
-        let (mut found, policy, _) = self.active_by_token(&req.token, now).await?;
+        let (mut found, policy) = match (&req.token, &req.access_token) {
+            (Some(token), None) => {
+                let (found, policy, _) = self.active_by_token(token, now).await?;
+                (found, policy)
+            }
+            (None, Some(jwt)) => self.active_by_access_token(jwt, now).await?,
+            _ => {
+                return Err(CoreError::InvalidRequest(
+                    "give exactly one of token and access_token".into(),
+                ));
+            }
+        };
         if let Some(r) = &req.require {
             check_requirements(&found.record, r, now)?;
         }
         self.store.touch(&found, &policy, now).await?;
         found.last_seen_at = found.last_seen_at.max(now);
         Ok(to_api(&found, &policy, now))
+    }
+
+    /// Finds the active session of a presented access token: signature, times, issuer and
+    /// audience, and the session itself, which must still be active.
+    async fn active_by_access_token(
+        &self,
+        jwt: &str,
+        now: Timestamp,
+    ) -> Result<(StoredSession, Arc<Policy>), CoreError> {
+        let keys = self.keys_or_err()?;
+        let ring = keys.ensure(now).await?;
+        let claims = match ring.verify(jwt, now) {
+            Ok(c) => c,
+            Err(Rejection::Invalid(why)) => {
+                // A key this node has not loaded yet (a rotation elsewhere): reload once.
+                let unknown = crate::jwt::Keyring::kid_of(jwt).is_some_and(|k| !ring.knows(&k));
+                if unknown && keys.reload_soon(now).await? {
+                    keys.ensure(now)
+                        .await?
+                        .verify(jwt, now)
+                        .map_err(Rejection::into_error)?
+                } else {
+                    return Err(CoreError::TokenInvalid(why.to_owned()));
+                }
+            }
+            Err(e) => return Err(e.into_error()),
+        };
+        let invalid = |why: &str| CoreError::TokenInvalid(why.to_owned());
+        let handle = SessionHandle::parse(&claims.sid)
+            .map_err(|_| invalid("the access token names no session"))?;
+        let (found, policy) = match self.store.find_by_handle(&handle).await? {
+            Some(s) => {
+                let p = self.store.policy(&s.record.tenant).await?;
+                (s, p)
+            }
+            None => return Err(CoreError::SessionUnknown),
+        };
+        if found.record.user_id.as_str() != claims.sub
+            || found.record.tenant.as_str() != claims.tenant
+        {
+            return Err(invalid("the access token does not match its session"));
+        }
+        let tp = policy
+            .tokens()
+            .ok_or_else(|| invalid("token mode is off for this session's tenant"))?;
+        if claims.iss != tp.issuer {
+            return Err(invalid("the access token has the wrong issuer"));
+        }
+        if claims.aud != tp.audience {
+            return Err(invalid("the access token has the wrong audience"));
+        }
+        if let Some(e) = liveness_error(&liveness(&found.record, found.last_seen_at, &policy, now))
+        {
+            return Err(e);
+        }
+        Ok((found, policy))
+    }
+
+    /// Exchanges a refresh token for a new pair, sliding the session's idle expiry. The presented
+    /// token is spent; presenting it again within the tenant's grace period returns the same
+    /// pair, later revokes the session (`theft_detected`) and answers [`CoreError::TokenReused`].
+    pub async fn refresh(&self, presented: &str) -> Result<Refreshed, CoreError> {
+        let (handle, secret) = refresh::parse(presented).ok_or(CoreError::SessionUnknown)?;
+        for _ in 0..4 {
+            let now = self.clock.now();
+            let s = self
+                .store
+                .find_by_handle(&handle)
+                .await?
+                .ok_or(CoreError::SessionUnknown)?;
+            let Some(text) = s.record.refresh.clone() else {
+                return Err(CoreError::SessionUnknown);
+            };
+            let state = RefreshState::from_text(&text)?;
+            let policy = self.store.policy(&s.record.tenant).await?;
+            let grace = policy.tokens().map_or(0, |t| t.refresh_reuse_grace_s);
+            let class = state.classify(&secret, now, grace);
+            if class == Presented::Unknown {
+                return Err(CoreError::SessionUnknown);
+            }
+            if let Some(e) = liveness_error(&liveness(&s.record, s.last_seen_at, &policy, now)) {
+                return Err(e);
+            }
+            if !policy.tokens().is_some_and(|t| t.refresh_token) {
+                return Err(CoreError::TokenInvalid(
+                    "refresh tokens are off for this session's tenant".into(),
+                ));
+            }
+            let reissued = match class {
+                Presented::RecentlySpent => state.reissue(&handle, &secret)?,
+                _ => None,
+            };
+            match (class, reissued) {
+                (Presented::Current, _) => {
+                    let (next, token) = state.next(&handle, &secret, now)?;
+                    let change = Rekey {
+                        expect: Expect::Refresh(text),
+                        token_hash: None,
+                        refresh: Some(next.to_text()?),
+                        auth: None,
+                    };
+                    match self.store.rotate(&handle, &change, now).await? {
+                        RotateOutcome::Rotated(s) => {
+                            self.emit(EventKind::SessionRefreshed, &s.record, now, None);
+                            return self.pair(&s, &policy, &next, now, now, token).await;
+                        }
+                        // Lost a race with another refresh or an end: look again.
+                        RotateOutcome::Stale => continue,
+                    }
+                }
+                (Presented::RecentlySpent, Some(token)) => {
+                    self.store.touch(&s, &policy, now).await?;
+                    let mut s = s;
+                    s.last_seen_at = s.last_seen_at.max(now);
+                    let issued = Timestamp::from_millis(state.at);
+                    return self.pair(&s, &policy, &state, issued, now, token).await;
+                }
+                _ => {
+                    let out = self.store.revoke(&handle, "theft_detected", now).await?;
+                    if let Some(out) = out
+                        && out.revoked_now
+                    {
+                        self.emit(
+                            EventKind::SessionRevoked,
+                            &out.session.record,
+                            now,
+                            Some("theft_detected"),
+                        );
+                    }
+                    tracing::warn!(
+                        target: "sessiond::security",
+                        handle = %handle,
+                        "a spent refresh token was presented again; the session is revoked"
+                    );
+                    return Err(CoreError::TokenReused);
+                }
+            }
+        }
+        Err(CoreError::Conflict)
+    }
+
+    async fn pair(
+        &self,
+        s: &StoredSession,
+        policy: &Policy,
+        state: &RefreshState,
+        issued: Timestamp,
+        now: Timestamp,
+        refresh_token: RefreshToken,
+    ) -> Result<Refreshed, CoreError> {
+        let (access_token, access_token_expires_at) = self
+            .access_token(
+                &s.record,
+                policy,
+                issued,
+                state.jti(&s.record.handle),
+                state.claims.clone(),
+            )
+            .await?
+            .ok_or_else(|| CoreError::TokenInvalid("token mode is off".into()))?;
+        Ok(Refreshed {
+            session: to_api(s, policy, now),
+            access_token,
+            access_token_expires_at,
+            refresh_token,
+        })
     }
 
     async fn rotate_with(
@@ -281,11 +574,13 @@ impl SessionService {
         let (found, policy, old_hash) = self.active_by_token(token, now).await?;
         let (new_token, new_hash) = self.cfg.token_format.generate()?;
         let handle = found.record.handle.clone();
-        match self
-            .store
-            .rotate(&handle, &old_hash, new_hash, auth.clone(), now)
-            .await?
-        {
+        let change = Rekey {
+            expect: Expect::Token(old_hash),
+            token_hash: Some(new_hash),
+            refresh: None,
+            auth: auth.clone(),
+        };
+        match self.store.rotate(&handle, &change, now).await? {
             RotateOutcome::Rotated(s) => {
                 let kind = if auth.is_some() {
                     EventKind::SessionReauthenticated

@@ -82,6 +82,9 @@ pub struct SessionRecord {
     pub data: Arc<str>,
     /// Lifecycle state.
     pub state: StoredState,
+    /// Token mode: the refresh state ([`crate::refresh::RefreshState`] as JSON text), replaced
+    /// atomically on each refresh. `None` for sessions without a refresh token.
+    pub refresh: Option<Arc<str>>,
 }
 
 /// A session as read from a store: the shared record and the live `last_seen_at`.
@@ -320,6 +323,7 @@ mod tests {
             device: DeviceRecord::default(),
             data: "{}".into(),
             state: StoredState::Active,
+            refresh: None,
         }
     }
 

@@ -42,6 +42,59 @@ pub enum InsertOutcome {
     LimitReached,
 }
 
+/// What [`SessionStore::rotate`] expects of the session before it changes anything.
+#[derive(Debug, Clone)]
+pub enum Expect {
+    /// Its current token has this hash.
+    Token(TokenHash),
+    /// Its refresh state is exactly this text.
+    Refresh(Arc<str>),
+}
+
+/// A change of an active session's credentials, applied only if [`Rekey::expect`] holds.
+#[derive(Debug, Clone)]
+pub struct Rekey {
+    /// The condition.
+    pub expect: Expect,
+    /// A new token hash (the old token stops working at once).
+    pub token_hash: Option<TokenHash>,
+    /// A new refresh state.
+    pub refresh: Option<Arc<str>>,
+    /// A fresh authentication.
+    pub auth: Option<AuthRecord>,
+}
+
+impl Rekey {
+    /// Whether the session is in the expected state (tokens compared in constant time).
+    pub fn matches(&self, rec: &SessionRecord) -> bool {
+        match &self.expect {
+            Expect::Token(h) => rec.token_hash.ct_eq(h),
+            Expect::Refresh(text) => rec.refresh.as_deref() == Some(&**text),
+        }
+    }
+
+    /// The record after the change; `last_seen_at` becomes `max(last_seen, now)`.
+    pub fn apply(
+        &self,
+        rec: &SessionRecord,
+        last_seen: Timestamp,
+        now: Timestamp,
+    ) -> SessionRecord {
+        let mut new = rec.clone();
+        if let Some(h) = &self.token_hash {
+            new.token_hash = *h;
+        }
+        if let Some(r) = &self.refresh {
+            new.refresh = Some(r.clone());
+        }
+        if let Some(a) = &self.auth {
+            new.auth = a.clone();
+        }
+        new.last_seen_at = last_seen.max(now);
+        new
+    }
+}
+
 /// Result of [`SessionStore::rotate`].
 #[derive(Debug, Clone)]
 pub enum RotateOutcome {
@@ -163,15 +216,14 @@ pub trait SessionStore: Send + Sync + 'static {
         at: Timestamp,
     ) -> Result<(), StoreError>;
 
-    /// Replaces the token of an active session whose current token hash is `expected`, marks it
-    /// seen at `now`, and records a fresh authentication if `auth` is given. The old token stops
-    /// working at once.
+    /// Applies `change` to an active session if its condition holds, atomically, and marks the
+    /// session seen at `now`: a new token (the old one stops working at once), a new refresh
+    /// state, a fresh authentication. [`RotateOutcome::Stale`] if the condition does not hold or
+    /// the session is not active.
     async fn rotate(
         &self,
         handle: &SessionHandle,
-        expected: &TokenHash,
-        new_hash: TokenHash,
-        auth: Option<AuthRecord>,
+        change: &Rekey,
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError>;
 
@@ -226,4 +278,12 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The keyring document of token mode and its version, if one was stored. Read from the
+    /// backend itself (not a cache), so that a rotation by another process is seen.
+    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError>;
+
+    /// Stores the keyring document if the stored version is still `expected` (`None`: no
+    /// keyring yet); the new version is `expected + 1` (or 1). `false` if another writer won.
+    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError>;
 }

@@ -24,7 +24,7 @@ pub const HANDLE_BYTES: usize = 16;
 /// Prefix of every session handle.
 pub const HANDLE_PREFIX: &str = "ses_";
 
-fn random_bytes<const N: usize>() -> Result<[u8; N], CoreError> {
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], CoreError> {
     let mut buf = [0u8; N];
     getrandom::fill(&mut buf).map_err(|e| CoreError::Internal(format!("OS CSPRNG failed: {e}")))?;
     Ok(buf)

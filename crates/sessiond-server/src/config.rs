@@ -9,6 +9,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use sessiond_api::PolicyDocument;
+use sessiond_core::jwt::{SealingKey, SigningAlg};
 use sessiond_core::policy::Policy;
 use sessiond_core::token::TokenFormat;
 
@@ -74,6 +75,79 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The policy of tenants that have none of their own.
     pub default_policy: PolicyDocument,
+    /// Token mode: the keyring of access-token signing keys.
+    pub jwt: JwtConfig,
+}
+
+/// Token mode's keyring settings (`[jwt]`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Algorithm of keys generated on first start and by `sessiond keys rotate`: `EdDSA`
+    /// (Ed25519, the default) or `ES256`.
+    pub algorithm: String,
+    /// A 32-byte key (base64) that seals the private signing keys in the store (AES-256-GCM).
+    /// Prefer `keyring_key_file` or the `SESSIOND_JWT__KEYRING_KEY` variable.
+    pub keyring_key: Option<String>,
+    /// A file holding the keyring key.
+    pub keyring_key_file: Option<PathBuf>,
+    /// Seconds between reloads of the keyring from the store (rotations by other nodes).
+    pub reload_interval_s: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: "EdDSA".into(),
+            keyring_key: None,
+            keyring_key_file: None,
+            reload_interval_s: 10,
+        }
+    }
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("algorithm", &self.algorithm)
+            .field(
+                "keyring_key",
+                &self.keyring_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("keyring_key_file", &self.keyring_key_file)
+            .field("reload_interval_s", &self.reload_interval_s)
+            .finish()
+    }
+}
+
+impl JwtConfig {
+    /// The signing algorithm.
+    pub fn signing_alg(&self) -> Result<SigningAlg, ConfigError> {
+        SigningAlg::parse(&self.algorithm)
+            .map_err(|_| ConfigError("jwt.algorithm: EdDSA or ES256".into()))
+    }
+
+    /// The keyring key, if one is configured.
+    pub fn sealing_key(&self) -> Result<Option<SealingKey>, ConfigError> {
+        let text = match (&self.keyring_key, &self.keyring_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError(
+                    "jwt.keyring_key and jwt.keyring_key_file: set at most one".into(),
+                ));
+            }
+            (Some(k), None) => k.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| {
+                ConfigError(format!(
+                    "jwt.keyring_key_file: cannot read {}: {e}",
+                    f.display()
+                ))
+            })?,
+            (None, None) => return Ok(None),
+        };
+        SealingKey::from_base64(&text)
+            .map(Some)
+            .map_err(|e| ConfigError(format!("jwt.keyring_key: {e}")))
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -100,6 +174,7 @@ impl std::fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("log_format", &self.log_format)
             .field("default_policy", &self.default_policy)
+            .field("jwt", &self.jwt)
             .finish()
     }
 }
@@ -128,6 +203,7 @@ impl Default for Config {
             max_connections: 8192,
             log_format: LogFormat::Text,
             default_policy: PolicyDocument::default(),
+            jwt: JwtConfig::default(),
         }
     }
 }
@@ -233,6 +309,10 @@ impl Config {
             return bad("max_connections: between 1 and 1000000".into());
         }
         crate::StoreUrl::parse(self.store.as_deref())?;
+        self.jwt.signing_alg()?;
+        if !(1..=3600).contains(&self.jwt.reload_interval_s) {
+            return bad("jwt.reload_interval_s: between 1 and 3600".into());
+        }
         if let Err(e) = Policy::new(self.default_policy.clone()) {
             return bad(format!("default_policy: {e}"));
         }
@@ -391,10 +471,41 @@ mod tests {
             ("request_timeout_ms = 5", "request_timeout_ms"),
             ("max_connections = 0", "max_connections"),
             ("store_timeout_ms = 10", "store_timeout_ms"),
+            ("[jwt]\nalgorithm = \"HS256\"", "jwt.algorithm"),
+            ("[jwt]\nreload_interval_s = 0", "jwt.reload_interval_s"),
+            ("[jwt]\nkeyring = \"x\"", "keyring"),
         ] {
             let e = load(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
         assert!(load("max_concurrent_requests = 64\nrequest_timeout_ms = 2000").is_ok());
+        assert!(load("[jwt]\nalgorithm = \"ES256\"\nreload_interval_s = 5").is_ok());
+    }
+
+    #[test]
+    fn the_keyring_key_is_32_bytes_of_base64_from_one_place_and_never_printed() {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let mut jwt = JwtConfig {
+            keyring_key: Some(key.into()),
+            ..JwtConfig::default()
+        };
+        assert!(jwt.sealing_key().unwrap().is_some());
+        assert!(!format!("{jwt:?}").contains(key));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k");
+        std::fs::write(&f, format!("{key}\n")).unwrap();
+        jwt.keyring_key_file = Some(f.clone());
+        let e = jwt.sealing_key().unwrap_err().to_string();
+        assert!(e.contains("at most one"), "{e}");
+        jwt.keyring_key = None;
+        assert!(jwt.sealing_key().unwrap().is_some());
+        jwt.keyring_key = Some("c2hvcnQ=".into());
+        jwt.keyring_key_file = None;
+        let e = jwt.sealing_key().unwrap_err().to_string();
+        assert!(
+            e.contains("jwt.keyring_key") && !e.contains("c2hvcnQ"),
+            "{e}"
+        );
+        assert!(JwtConfig::default().sealing_key().unwrap().is_none());
     }
 }

@@ -108,6 +108,9 @@ impl IntoResponse for ApiError {
                 }
                 CoreError::NotFound => (S::NOT_FOUND, codes::NOT_FOUND, detail),
                 CoreError::Conflict => (S::CONFLICT, codes::CONFLICT, detail),
+                CoreError::TokenReused => (S::UNAUTHORIZED, codes::TOKEN_REUSED, detail),
+                CoreError::TokenInvalid(_) => (S::UNAUTHORIZED, codes::TOKEN_INVALID, detail),
+                CoreError::TokenExpired => (S::UNAUTHORIZED, codes::TOKEN_EXPIRED, detail),
                 CoreError::Store(e) => {
                     tracing::error!(error = %e, "store failure");
                     (

@@ -5,9 +5,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use sessiond_api::{
-    Cookie, CreateSessionRequest, ForceLogoutResponse, LogoutResponse, PatchSessionRequest,
-    PolicyDocument, Problem, ReauthenticateRequest, SessionList, SessionResponse, SessionWithToken,
-    TokenRequest, VerifyRequest,
+    Cookie, CreateSessionRequest, ForceLogoutResponse, JwkSet, LogoutResponse, PatchSessionRequest,
+    PolicyDocument, Problem, ReauthenticateRequest, RefreshRequest, SessionList, SessionResponse,
+    SessionWithToken, TokenPair, TokenRequest, VerifyRequest,
 };
 use sessiond_core::service::{Issued, StatusFilter};
 use utoipa::{IntoParams, ToSchema};
@@ -28,6 +28,9 @@ fn with_token(i: Issued) -> SessionWithToken {
             value,
             set_cookie: i.set_cookie,
         },
+        access_token_expires_at: i.access_token.as_ref().map(|(_, at)| at.to_datetime()),
+        access_token: i.access_token.map(|(t, _)| t),
+        refresh_token: i.refresh_token.map(|t| t.expose().to_owned()),
     }
 }
 
@@ -85,6 +88,58 @@ pub async fn verify(
     Ok(Json(SessionResponse {
         session: s.service.verify(&req).await?,
     }))
+}
+
+/// `POST /v1/tokens/refresh`
+#[utoipa::path(
+    post,
+    path = "/v1/tokens/refresh",
+    tag = "tokens",
+    request_body(content = RefreshRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "A new access token and refresh token; the presented refresh token is spent (within the tenant's grace period it returns this same pair again). The session's idle expiry slid.", body = TokenPair),
+        (status = 400, description = "`invalid_request`: the body is not a JSON object, has an unknown field, a wrong type or an invalid value.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong; `session_unknown`, `session_expired` or `session_revoked`: the refresh token names no active session; `token_reused`: a spent refresh token was presented after the grace period, and the session has been revoked (`theft_detected`); `token_invalid`: the tenant's token mode or refresh tokens are off.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`conflict`: concurrent refreshes of the same session kept winning; retry.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn refresh(
+    _: Admin,
+    State(s): State<AppState>,
+    StrictJson(req): StrictJson<RefreshRequest>,
+) -> ApiResult<TokenPair> {
+    let r = s.service.refresh(&req.refresh_token).await?;
+    Ok(Json(TokenPair {
+        session: r.session,
+        access_token: r.access_token,
+        access_token_expires_at: r.access_token_expires_at.to_datetime(),
+        refresh_token: r.refresh_token.expose().to_owned(),
+    }))
+}
+
+/// `GET /.well-known/jwks.json` (public)
+#[utoipa::path(
+    get,
+    path = "/.well-known/jwks.json",
+    tag = "tokens",
+    responses(
+        (status = 200, description = "The public keys that verify access tokens: every key that may have signed a live token, and a key about to sign. Cacheable for five minutes; refetch on an unknown `kid`.", body = JwkSet),
+        (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
+pub async fn jwks(
+    State(s): State<AppState>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], Json<JwkSet>), ApiError> {
+    let set = s.service.jwks().await?;
+    Ok((
+        [(axum::http::header::CACHE_CONTROL, "public, max-age=300")],
+        Json(set),
+    ))
 }
 
 /// `POST /v1/sessions/rotate`

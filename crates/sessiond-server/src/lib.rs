@@ -23,7 +23,9 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef, Request};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::routing::{get, post};
+use sessiond_core::CoreError;
 use sessiond_core::events::{EventSink, LogSink};
+use sessiond_core::keys::Keys;
 use sessiond_core::policy::Policy;
 use sessiond_core::service::{ServiceConfig, SessionService};
 use sessiond_core::store::SessionStore;
@@ -117,6 +119,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/tenants/{tenant}/policy",
             get(handlers::get_policy).put(handlers::put_policy),
         )
+        .route("/v1/tokens/refresh", post(handlers::refresh))
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
@@ -127,6 +130,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/openapi.json", get(openapi::document))
+        .route("/.well-known/jwks.json", get(handlers::jwks))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -162,6 +166,9 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] sessiond_core::store::StoreError),
+    /// Token mode's keyring could not be loaded or created.
+    #[error("cannot load the token signing keyring: {0}")]
+    Keyring(String),
     /// The listener could not be bound or served.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -303,6 +310,21 @@ impl Server {
         let events: Arc<dyn EventSink> = Arc::new(LogSink);
         let token_format = TokenFormat::new(&config.token_prefix)
             .map_err(|e| ConfigError(format!("token_prefix: {e}")))?;
+        let jwt_keys = Arc::new(Keys::new(
+            store.clone(),
+            config.jwt.sealing_key()?,
+            config.jwt.signing_alg()?,
+        ));
+        match jwt_keys.reload(clock.now()).await {
+            Ok(()) => {}
+            // The keyring loads on first need once the store answers (like every request).
+            Err(CoreError::Store(e)) => {
+                tracing::warn!(error = %e, "the token keyring will load when the store answers");
+            }
+            // A keyring this configuration cannot read (sealed with another key, damaged) is
+            // a configuration error: refuse to start rather than fail every token request.
+            Err(e) => return Err(ServerError::Keyring(e.to_string())),
+        }
         let service = SessionService::new(
             store.clone(),
             clock,
@@ -311,7 +333,8 @@ impl Server {
                 token_format,
                 max_data_bytes: config.max_data_bytes,
             },
-        );
+        )
+        .with_keys(jwt_keys);
         let state = AppState {
             service: Arc::new(service),
             keys: ApiKeys::new(keys.iter().map(String::as_str)),
@@ -345,6 +368,10 @@ impl Server {
             self.config.sweep_interval_s,
             self.config.retention_s,
         ));
+        let reloader = tokio::spawn(keyring_loop(
+            self.state.service.clone(),
+            self.config.jwt.reload_interval_s,
+        ));
         let app = router(self.state.clone());
         let max_connections = self.config.max_connections;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -371,11 +398,28 @@ impl Server {
             Err(_) => tracing::warn!("in-flight requests did not finish in time"),
         }
         sweeper.abort();
+        reloader.abort();
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "final flush failed");
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Reloads token mode's keyring from the store, so rotations made elsewhere take effect.
+async fn keyring_loop(service: Arc<SessionService>, interval_s: u64) {
+    let Some(keys) = service.keys().cloned() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(interval_s));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = keys.reload(service.now()).await {
+            tracing::warn!(error = %e, "keyring reload failed; keeping the loaded keys");
+        }
     }
 }
 

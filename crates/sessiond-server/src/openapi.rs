@@ -48,6 +48,8 @@ const CACHE_CONTROL: &str = "public, max-age=3600";
         handlers::force_logout,
         handlers::get_policy,
         handlers::put_policy,
+        handlers::refresh,
+        handlers::jwks,
         handlers::healthz,
         handlers::readyz,
         document,
@@ -58,6 +60,7 @@ const CACHE_CONTROL: &str = "public, max-age=3600";
         (name = "sessions", description = "Create, verify, rotate and end sessions."),
         (name = "users", description = "A user's sessions."),
         (name = "tenants", description = "A tenant's session policy."),
+        (name = "tokens", description = "Token mode: refresh tokens and the public keys of access tokens."),
         (name = "service", description = "Health, readiness and this document (no API key)."),
     ),
 )]

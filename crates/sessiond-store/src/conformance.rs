@@ -12,7 +12,9 @@ use serde_json::{Map, Value, json};
 use sessiond_core::api::{OnLimit, PolicyDocument};
 use sessiond_core::policy::Policy;
 use sessiond_core::session::{AuthRecord, DeviceRecord, SessionRecord, StoredState};
-use sessiond_core::store::{DataUpdate, InsertOutcome, ListQuery, RotateOutcome, SessionStore};
+use sessiond_core::store::{
+    DataUpdate, Expect, InsertOutcome, ListQuery, Rekey, RotateOutcome, SessionStore,
+};
 use sessiond_core::time::Timestamp;
 use sessiond_core::token::{SessionHandle, TenantId, TokenFormat, TokenHash, UserId};
 
@@ -54,8 +56,29 @@ pub fn record(user: &str, tenant: &str, at: Timestamp) -> (SessionRecord, TokenH
         },
         data: r#"{"cart":1}"#.into(),
         state: StoredState::Active,
+        refresh: None,
     };
     (rec, hash)
+}
+
+/// A token change expecting `old`.
+fn rekey(old: TokenHash, new: TokenHash, auth: Option<AuthRecord>) -> Rekey {
+    Rekey {
+        expect: Expect::Token(old),
+        token_hash: Some(new),
+        refresh: None,
+        auth,
+    }
+}
+
+/// A refresh-state change expecting `old`.
+fn swap(old: &str, new: &str) -> Rekey {
+    Rekey {
+        expect: Expect::Refresh(old.into()),
+        token_hash: None,
+        refresh: Some(new.into()),
+        auth: None,
+    }
 }
 
 async fn insert(s: &dyn SessionStore, rec: &SessionRecord, now: Timestamp) -> Vec<SessionHandle> {
@@ -133,7 +156,7 @@ pub async fn rotate_replaces_the_token(f: &dyn StoreFactory) {
         authenticated_at: t(5),
     };
     let out = s
-        .rotate(&rec.handle, &old, new, Some(auth.clone()), t(5))
+        .rotate(&rec.handle, &rekey(old, new, Some(auth.clone())), t(5))
         .await
         .unwrap();
     let RotateOutcome::Rotated(r) = out else {
@@ -150,7 +173,7 @@ pub async fn rotate_replaces_the_token(f: &dyn StoreFactory) {
     // A second rotation presenting the old token loses.
     let (_, newer) = TokenFormat::default().generate().unwrap();
     assert!(matches!(
-        s.rotate(&rec.handle, &old, newer, None, t(6))
+        s.rotate(&rec.handle, &rekey(old, newer, None), t(6))
             .await
             .unwrap(),
         RotateOutcome::Stale
@@ -177,18 +200,93 @@ pub async fn rotate_refuses_ended_sessions(f: &dyn StoreFactory) {
     s.revoke(&rec.handle, "revoked", t(1)).await.unwrap();
     let (_, new) = TokenFormat::default().generate().unwrap();
     assert!(matches!(
-        s.rotate(&rec.handle, &old, new, None, t(2)).await.unwrap(),
+        s.rotate(&rec.handle, &rekey(old, new, None), t(2))
+            .await
+            .unwrap(),
         RotateOutcome::Stale
     ));
     // Expired by idle timeout (default policy: 1800 s).
     let (rec, old) = record("dave", "default", t(0));
     insert(&*s, &rec, t(0)).await;
     assert!(matches!(
-        s.rotate(&rec.handle, &old, new, None, t(1800))
+        s.rotate(&rec.handle, &rekey(old, new, None), t(1800))
             .await
             .unwrap(),
         RotateOutcome::Stale
     ));
+}
+
+pub async fn refresh_state_swaps_atomically(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (mut rec, hash) = record("erin", "default", t(0));
+    rec.refresh = Some(r#"{"g":0}"#.into());
+    insert(&*s, &rec, t(0)).await;
+    let RotateOutcome::Rotated(r) = s
+        .rotate(&rec.handle, &swap(r#"{"g":0}"#, r#"{"g":1}"#), t(3))
+        .await
+        .unwrap()
+    else {
+        panic!("not swapped")
+    };
+    assert_eq!(r.record.refresh.as_deref(), Some(r#"{"g":1}"#));
+    assert_eq!(r.record.token_hash, hash, "the session token is unchanged");
+    let found = s.find_by_token(&hash).await.unwrap().unwrap();
+    assert_eq!(found.record.refresh.as_deref(), Some(r#"{"g":1}"#));
+    assert_eq!(found.last_seen_at, t(3), "a refresh is a use");
+    // The old state no longer matches.
+    assert!(matches!(
+        s.rotate(&rec.handle, &swap(r#"{"g":0}"#, r#"{"g":9}"#), t(4))
+            .await
+            .unwrap(),
+        RotateOutcome::Stale
+    ));
+    // Racing swaps from the same state: exactly one wins.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        let h = rec.handle.clone();
+        tasks.push(tokio::spawn(async move {
+            let new = format!(r#"{{"g":2,"n":{i}}}"#);
+            matches!(
+                s.rotate(&h, &swap(r#"{"g":1}"#, &new), t(5)).await.unwrap(),
+                RotateOutcome::Rotated(_)
+            )
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        wins += usize::from(t.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+    // Durable, and ended sessions refuse.
+    let s2 = f.open().await;
+    let now = s2.find_by_handle(&rec.handle).await.unwrap().unwrap();
+    let text = now.record.refresh.clone().unwrap();
+    assert!(text.starts_with(r#"{"g":2"#));
+    s2.revoke(&rec.handle, "revoked", t(6)).await.unwrap();
+    assert!(matches!(
+        s2.rotate(&rec.handle, &swap(&text, r#"{"g":3}"#), t(7))
+            .await
+            .unwrap(),
+        RotateOutcome::Stale
+    ));
+    assert!(s2.find_by_token(&hash).await.unwrap().is_some());
+}
+
+pub async fn keyring_is_compare_and_set(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    assert_eq!(s.keyring().await.unwrap(), None);
+    assert!(!s.put_keyring(Some(1), "nope").await.unwrap());
+    assert!(s.put_keyring(None, "one").await.unwrap());
+    assert!(
+        !s.put_keyring(None, "other").await.unwrap(),
+        "first start wins"
+    );
+    assert_eq!(s.keyring().await.unwrap(), Some((1, "one".to_owned())));
+    assert!(s.put_keyring(Some(1), "two").await.unwrap());
+    assert!(!s.put_keyring(Some(1), "stale").await.unwrap());
+    let s2 = f.open().await;
+    assert_eq!(s2.keyring().await.unwrap(), Some((2, "two".to_owned())));
 }
 
 pub async fn revoke_is_idempotent(f: &dyn StoreFactory) {
@@ -663,6 +761,8 @@ macro_rules! conformance_suite {
             acknowledged_writes_survive_reopen,
             rotate_replaces_the_token,
             rotate_refuses_ended_sessions,
+            refresh_state_swaps_atomically,
+            keyring_is_compare_and_set,
             revoke_is_idempotent,
             revoke_user_spares_the_exception_and_other_users,
             limit_evicts_least_recently_used,

@@ -25,14 +25,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 use sessiond_core::policy::Policy;
-use sessiond_core::session::{
-    self, AuthRecord, Liveness, SessionRecord, StoredSession, StoredState,
-};
+use sessiond_core::session::{self, Liveness, SessionRecord, StoredSession, StoredState};
 use sessiond_core::store::{
-    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, RevokeOutcome, RotateOutcome,
+    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome,
     SessionStore, StoreError, SweepReport,
 };
 use sessiond_core::time::Timestamp;
@@ -193,9 +191,7 @@ enum Cmd {
     },
     Rotate {
         handle: SessionHandle,
-        expected: TokenHash,
-        new_hash: TokenHash,
-        auth: Option<AuthRecord>,
+        change: Box<Rekey>,
         now: Timestamp,
         reply: Reply<RotateOutcome>,
     },
@@ -234,6 +230,14 @@ enum Cmd {
     Flush {
         reply: Reply<()>,
     },
+    GetKeyring {
+        reply: Reply<Option<(u64, String)>>,
+    },
+    PutKeyring {
+        expected: Option<u64>,
+        doc: String,
+        reply: Reply<bool>,
+    },
     Ping {
         reply: Reply<()>,
     },
@@ -268,6 +272,11 @@ enum Pending {
     Data(Reply<DataUpdate>, Result<DataUpdate, StoreError>),
     Unit(Reply<()>, Result<(), StoreError>),
     Sweep(Reply<SweepReport>, Result<SweepReport, StoreError>),
+    GetKeyring(
+        Reply<Option<(u64, String)>>,
+        Result<Option<(u64, String)>, StoreError>,
+    ),
+    PutKeyring(Reply<bool>, Result<bool, StoreError>),
 }
 
 impl Pending {
@@ -288,6 +297,8 @@ impl Pending {
             Pending::Data(tx, r) => go!(tx, r),
             Pending::Unit(tx, r) => go!(tx, r),
             Pending::Sweep(tx, r) => go!(tx, r),
+            Pending::GetKeyring(tx, r) => go!(tx, r),
+            Pending::PutKeyring(tx, r) => go!(tx, r),
         }
     }
 }
@@ -331,22 +342,28 @@ CREATE TABLE IF NOT EXISTS sessions (
     data             TEXT NOT NULL,
     state            TEXT NOT NULL,
     revoked_reason   TEXT,
-    ended_at         INTEGER
+    ended_at         INTEGER,
+    refresh          TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_ended ON sessions(ended_at) WHERE ended_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS policies (
     tenant   TEXT PRIMARY KEY,
     document TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    name    TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    value   TEXT NOT NULL
+) WITHOUT ROWID;
 ";
 
 /// The columns of `sessions`, in the order of [`Row`]'s fields.
 pub(crate) const COLUMNS: &str = "handle, token_hash, user_id, tenant, created_at, last_seen_at, \
     remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os, data, \
-    state, revoked_reason, ended_at";
+    state, revoked_reason, ended_at, refresh";
 
 /// The schema version this build writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
@@ -364,6 +381,11 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
         return Err(StoreError::Backend(format!(
             "database schema version {version} is newer than this sessiond supports ({SCHEMA_VERSION})"
         )));
+    }
+    if version == 1 {
+        // Version 2 adds token mode's refresh state.
+        conn.execute_batch("ALTER TABLE sessions ADD COLUMN refresh TEXT")
+            .map_err(backend)?;
     }
     conn.execute_batch(SCHEMA).map_err(backend)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -423,6 +445,7 @@ fn load(conn: &Connection, shared: &Shared) -> Result<usize, StoreError> {
             state: r.get(15).map_err(backend)?,
             revoked_reason: r.get(16).map_err(backend)?,
             ended_at: r.get(17).map_err(backend)?,
+            refresh: r.get(18).map_err(backend)?,
         };
         shared.index(row.into_record(&mut intern)?);
         n += 1;
@@ -581,8 +604,10 @@ impl Writer {
             Effect::Rekey { entry, old, rec } => {
                 let new = rec.token_hash;
                 *entry.record.write() = Arc::new(rec);
-                s.by_token.insert(new, entry.clone());
-                s.by_token.remove_if(&old, |_, e| Arc::ptr_eq(e, &entry));
+                if new != old {
+                    s.by_token.insert(new, entry.clone());
+                    s.by_token.remove_if(&old, |_, e| Arc::ptr_eq(e, &entry));
+                }
             }
             Effect::Unindex(h) => s.unindex(&h),
             Effect::Policy(t, p) => {
@@ -783,9 +808,7 @@ fn apply(
         }
         Cmd::Rotate {
             handle,
-            expected,
-            new_hash,
-            auth,
+            change,
             now,
             reply,
         } => {
@@ -793,21 +816,16 @@ fn apply(
                 let Some((entry, rec, ls)) = staged.get(&handle) else {
                     return Ok(RotateOutcome::Stale);
                 };
-                if !rec.token_hash.ct_eq(&expected) || !is_live(staged, &rec, ls, now) {
+                if !change.matches(&rec) || !is_live(staged, &rec, ls, now) {
                     return Ok(RotateOutcome::Stale);
                 }
                 let Some(entry) = entry else {
                     return Ok(RotateOutcome::Stale);
                 };
-                let mut new = rec.clone();
-                new.token_hash = new_hash;
-                new.last_seen_at = ls.max(now);
-                if let Some(a) = auth {
-                    new.auth = a;
-                }
+                let new = change.apply(&rec, ls, now);
                 tx.prepare_cached(
                     "UPDATE sessions SET token_hash = ?2, last_seen_at = ?3, auth_method = ?4,
-                            auth_aal = ?5, authenticated_at = ?6 WHERE handle = ?1",
+                            auth_aal = ?5, authenticated_at = ?6, refresh = ?7 WHERE handle = ?1",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -816,7 +834,8 @@ fn apply(
                         new.last_seen_at.as_millis(),
                         &*new.auth.method,
                         new.auth.aal,
-                        new.auth.authenticated_at.as_millis()
+                        new.auth.authenticated_at.as_millis(),
+                        new.refresh.as_deref(),
                     ])
                 })
                 .map_err(backend)?;
@@ -942,6 +961,39 @@ fn apply(
             let r = sweep(tx, staged, now, to_expire, to_purge, effects);
             Pending::Sweep(reply, r)
         }
+        Cmd::GetKeyring { reply } => {
+            let r = tx
+                .query_row(
+                    "SELECT version, value FROM meta WHERE name = 'keyring'",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()
+                .map_err(backend)
+                .map(|o| o.map(|(v, d)| (v.max(0) as u64, d)));
+            Pending::GetKeyring(reply, r)
+        }
+        Cmd::PutKeyring {
+            expected,
+            doc,
+            reply,
+        } => {
+            let r = match expected {
+                None => tx.execute(
+                    "INSERT INTO meta (name, version, value) VALUES ('keyring', 1, ?1)
+                     ON CONFLICT (name) DO NOTHING",
+                    params![doc],
+                ),
+                Some(v) => tx.execute(
+                    "UPDATE meta SET version = version + 1, value = ?2
+                     WHERE name = 'keyring' AND version = ?1",
+                    params![v as i64, doc],
+                ),
+            }
+            .map(|n| n == 1)
+            .map_err(backend);
+            Pending::PutKeyring(reply, r)
+        }
         Cmd::Flush { reply } | Cmd::Ping { reply } => {
             let r = tx.query_row("SELECT 1", [], |_| Ok(())).map_err(backend);
             Pending::Unit(reply, r)
@@ -953,7 +1005,8 @@ fn insert_row(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> Result<(), S
     let r = Row::from_record(r);
     tx.prepare_cached(&format!(
         "INSERT INTO sessions ({COLUMNS})
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                 ?19)"
     ))
     .and_then(|mut s| {
         s.execute(params![
@@ -975,6 +1028,7 @@ fn insert_row(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> Result<(), S
             r.state,
             r.revoked_reason,
             r.ended_at,
+            r.refresh,
         ])
     })
     .map_err(backend)?;
@@ -1145,18 +1199,14 @@ impl SessionStore for EmbeddedStore {
     async fn rotate(
         &self,
         handle: &SessionHandle,
-        expected: &TokenHash,
-        new_hash: TokenHash,
-        auth: Option<AuthRecord>,
+        change: &Rekey,
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError> {
         self.shared.check()?;
-        let (handle, expected) = (handle.clone(), *expected);
+        let (handle, change) = (handle.clone(), Box::new(change.clone()));
         self.call(|reply| Cmd::Rotate {
             handle,
-            expected,
-            new_hash,
-            auth,
+            change,
             now,
             reply,
         })
@@ -1292,5 +1342,21 @@ impl SessionStore for EmbeddedStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.shared.check()?;
         self.call(|reply| Cmd::Ping { reply }).await
+    }
+
+    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
+        self.shared.check()?;
+        self.call(|reply| Cmd::GetKeyring { reply }).await
+    }
+
+    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
+        self.shared.check()?;
+        let doc = doc.to_owned();
+        self.call(|reply| Cmd::PutKeyring {
+            expected,
+            doc,
+            reply,
+        })
+        .await
     }
 }

@@ -24,11 +24,9 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use sessiond_core::policy::Policy;
-use sessiond_core::session::{
-    self, AuthRecord, Liveness, SessionRecord, StoredSession, StoredState,
-};
+use sessiond_core::session::{self, Liveness, SessionRecord, StoredSession, StoredState};
 use sessiond_core::store::{
-    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, RevokeOutcome, RotateOutcome,
+    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome,
     SessionStore, StoreError, SweepReport,
 };
 use sessiond_core::time::Timestamp;
@@ -87,15 +85,26 @@ fn err(e: sqlx::Error) -> StoreError {
 /// The migrations, embedded in the binary.
 fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            "sessions".into(),
-            MigrationType::Simple,
-            sqlx::SqlSafeStr::into_sql_str(include_str!(
-                "../migrations/postgres/0001_sessions.sql"
-            )),
-            false,
-        )]),
+        migrations: Cow::Owned(vec![
+            Migration::new(
+                1,
+                "sessions".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(include_str!(
+                    "../migrations/postgres/0001_sessions.sql"
+                )),
+                false,
+            ),
+            Migration::new(
+                2,
+                "token mode".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(include_str!(
+                    "../migrations/postgres/0002_token_mode.sql"
+                )),
+                false,
+            ),
+        ]),
         ..Migrator::DEFAULT
     }
 }
@@ -125,14 +134,14 @@ impl std::fmt::Debug for PostgresStore {
 
 const SELECT: &str = "SELECT handle, token_hash, user_id, tenant, created_at, last_seen_at, \
     remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os, data, \
-    state, revoked_reason, ended_at FROM sessions";
+    state, revoked_reason, ended_at, refresh FROM sessions";
 
-/// The session of a token hash and its tenant's stored policy document (column 18), in one
+/// The session of a token hash and its tenant's stored policy document (column 19), in one
 /// indexed lookup: the verify path's only query.
 const SELECT_WITH_POLICY: &str = "SELECT s.handle, s.token_hash, s.user_id, s.tenant, \
     s.created_at, s.last_seen_at, s.remember_me, s.auth_method, s.auth_aal, s.authenticated_at, \
     s.ip, s.user_agent, s.browser, s.os, s.data, s.state, s.revoked_reason, s.ended_at, \
-    p.document FROM sessions s LEFT JOIN policies p ON p.tenant = s.tenant \
+    s.refresh, p.document FROM sessions s LEFT JOIN policies p ON p.tenant = s.tenant \
     WHERE s.token_hash = $1";
 
 fn to_row(r: &PgRow) -> Result<Row, sqlx::Error> {
@@ -155,6 +164,7 @@ fn to_row(r: &PgRow) -> Result<Row, sqlx::Error> {
         state: r.try_get(15)?,
         revoked_reason: r.try_get(16)?,
         ended_at: r.try_get(17)?,
+        refresh: r.try_get(18)?,
     })
 }
 
@@ -482,8 +492,9 @@ impl SessionStore for PostgresStore {
         sqlx::query(
             "INSERT INTO sessions (handle, token_hash, user_id, tenant, created_at, last_seen_at,
                 remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os,
-                data, state, revoked_reason, ended_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                data, state, revoked_reason, ended_at, refresh)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                     $19)",
         )
         .bind(&r.handle)
         .bind(&r.token_hash)
@@ -503,6 +514,7 @@ impl SessionStore for PostgresStore {
         .bind(&r.state)
         .bind(&r.revoked_reason)
         .bind(r.ended_at)
+        .bind(&r.refresh)
         .execute(&mut *tx)
         .await
         .map_err(err)?;
@@ -538,7 +550,7 @@ impl SessionStore for PostgresStore {
             return Ok(None);
         };
         let rec = to_record(&row)?;
-        let doc: Option<String> = row.try_get(18).map_err(err)?;
+        let doc: Option<String> = row.try_get(19).map_err(err)?;
         let policy = self.parse_policy(rec.tenant.as_str(), doc)?;
         Ok(Some((self.live(rec), policy)))
     }
@@ -595,9 +607,7 @@ impl SessionStore for PostgresStore {
     async fn rotate(
         &self,
         handle: &SessionHandle,
-        expected: &TokenHash,
-        new_hash: TokenHash,
-        auth: Option<AuthRecord>,
+        change: &Rekey,
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError> {
         let mut tx = self.begin().await?;
@@ -606,20 +616,16 @@ impl SessionStore for PostgresStore {
         };
         let live = self.live(rec);
         let policy = self.policy_in(&mut tx, live.record.tenant.as_str()).await?;
-        if !live.record.token_hash.ct_eq(expected)
+        if !change.matches(&live.record)
             || session::liveness(&live.record, live.last_seen_at, &policy, now) != Liveness::Active
         {
             return Ok(RotateOutcome::Stale);
         }
-        let mut new = (*live.record).clone();
-        new.token_hash = new_hash;
-        new.last_seen_at = live.last_seen_at.max(now);
-        if let Some(a) = auth {
-            new.auth = a;
-        }
+        let new = change.apply(&live.record, live.last_seen_at, now);
         sqlx::query(
             "UPDATE sessions SET token_hash = $2, last_seen_at = GREATEST(last_seen_at, $3),
-                    auth_method = $4, auth_aal = $5, authenticated_at = $6 WHERE handle = $1",
+                    auth_method = $4, auth_aal = $5, authenticated_at = $6, refresh = $7
+             WHERE handle = $1",
         )
         .bind(handle.as_str())
         .bind(&new.token_hash.as_bytes()[..])
@@ -627,6 +633,7 @@ impl SessionStore for PostgresStore {
         .bind(&*new.auth.method)
         .bind(i16::from(new.auth.aal))
         .bind(new.auth.authenticated_at.as_millis())
+        .bind(new.refresh.as_deref())
         .execute(&mut *tx)
         .await
         .map_err(err)?;
@@ -867,5 +874,37 @@ impl SessionStore for PostgresStore {
             .await
             .map_err(err)?;
         Ok(())
+    }
+
+    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
+        let row = sqlx::query("SELECT version, value FROM meta WHERE name = 'keyring'")
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(err)?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let v: i64 = r.try_get(0).map_err(err)?;
+                Ok(Some((v.max(0) as u64, r.try_get(1).map_err(err)?)))
+            }
+        }
+    }
+
+    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
+        let q = match expected {
+            None => sqlx::query(
+                "INSERT INTO meta (name, version, value) VALUES ('keyring', 1, $1)
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(doc),
+            Some(v) => sqlx::query(
+                "UPDATE meta SET version = version + 1, value = $2
+                 WHERE name = 'keyring' AND version = $1",
+            )
+            .bind(v as i64)
+            .bind(doc),
+        };
+        let done = q.execute(&self.inner.pool).await.map_err(err)?;
+        Ok(done.rows_affected() == 1)
     }
 }

@@ -9,6 +9,7 @@
 //! | `P:t:HASHHEX` | string | `TAG HANDLE`: token hash → session |
 //! | `P:h:HANDLE` | string | `TAG`: handle → the user's slot |
 //! | `P:policy:TENANT` | string | a tenant's policy document |
+//! | `P:keyring` | hash | `v` (version) and `doc`: token mode's signing keyring |
 //! | `P:{sweep}:due`, `P:{sweep}:ended` | sorted sets | sessions by next possible expiry, and by end time |
 //!
 //! `TAG` is a digest of the user id, so every key of one user shares a hash slot: the limit and
@@ -36,11 +37,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value as RedisValue};
 use serde_json::{Map, Value};
 use sessiond_core::policy::Policy;
-use sessiond_core::session::{
-    self, AuthRecord, Liveness, SessionRecord, StoredSession, StoredState,
-};
+use sessiond_core::session::{self, Liveness, SessionRecord, StoredSession, StoredState};
 use sessiond_core::store::{
-    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, RevokeOutcome, RotateOutcome,
+    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome,
     SessionStore, StoreError, SweepReport,
 };
 use sessiond_core::time::Timestamp;
@@ -127,6 +126,19 @@ end
 return 1
 ";
 
+/// Compare-and-set of the keyring hash. ARGV: the expected version (`''` for none), the document.
+const KEYRING_LUA: &str = r"
+local v = redis.call('HGET', KEYS[1], 'v')
+if ARGV[1] == '' then
+  if v then return 0 end
+  redis.call('HSET', KEYS[1], 'v', 1, 'doc', ARGV[2])
+  return 1
+end
+if v ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'v', tonumber(v) + 1, 'doc', ARGV[2])
+return 1
+";
+
 /// Records a use: `seen` never moves backwards, the TTL only grows, and a purged session is
 /// not brought back.
 const TOUCH_LUA: &str = r"
@@ -189,6 +201,7 @@ struct Inner {
     pending: Mutex<HashMap<SessionHandle, Pending>>,
     cas: Script,
     touch: Script,
+    keyring: Script,
 }
 
 #[derive(Debug, Clone)]
@@ -360,6 +373,7 @@ impl RedisStore {
             pending: Mutex::new(HashMap::new()),
             cas: Script::new(CAS_LUA),
             touch: Script::new(TOUCH_LUA),
+            keyring: Script::new(KEYRING_LUA),
         });
         tokio::spawn(flush_loop(Arc::downgrade(&inner), opts.flush_interval));
         Ok(Self { inner })
@@ -383,6 +397,10 @@ impl RedisStore {
 
     fn handle_key(&self, handle: &str) -> String {
         format!("{}:h:{handle}", self.inner.prefix)
+    }
+
+    fn keyring_key(&self) -> String {
+        format!("{}:keyring", self.inner.prefix)
     }
 
     fn policy_key(&self, tenant: &str) -> String {
@@ -882,9 +900,7 @@ impl SessionStore for RedisStore {
     async fn rotate(
         &self,
         handle: &SessionHandle,
-        expected: &TokenHash,
-        new_hash: TokenHash,
-        auth: Option<AuthRecord>,
+        change: &Rekey,
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError> {
         let mut c = self.conn().await?;
@@ -898,15 +914,13 @@ impl SessionStore for RedisStore {
             let policy = self
                 .policy_conn(&mut c, l.session.record.tenant.as_str())
                 .await?;
-            if !l.session.record.token_hash.ct_eq(expected) || !is_live(&l, &policy, now) {
+            if !change.matches(&l.session.record) || !is_live(&l, &policy, now) {
                 return Ok(RotateOutcome::Stale);
             }
-            let mut new = (*l.session.record).clone();
-            new.token_hash = new_hash;
-            new.last_seen_at = l.session.last_seen_at.max(now);
-            if let Some(a) = auth.clone() {
-                new.auth = a;
-            }
+            let old_hash = l.session.record.token_hash;
+            let new = change.apply(&l.session.record, l.session.last_seen_at, now);
+            let new_hash = new.token_hash;
+            let rekeyed = new_hash != old_hash;
             let ttl = self.ttl(&new, &policy, now);
             // The new pointer before the change: the new token is handed out only after it.
             let _: () = redis::cmd("SET")
@@ -922,18 +936,22 @@ impl SessionStore for RedisStore {
             cas.check_row(key.clone(), &l.row_text);
             cas.write("row", key, Self::row_json(&new)?, ttl);
             if self.apply(&mut c, &cas).await? {
+                if rekeyed {
+                    let _: i64 = redis::cmd("DEL")
+                        .arg(self.tok_key(&old_hash))
+                        .query_async(&mut c)
+                        .await
+                        .map_err(err)?;
+                }
+                return Ok(RotateOutcome::Rotated(StoredSession::new(Arc::new(new))));
+            }
+            if rekeyed {
                 let _: i64 = redis::cmd("DEL")
-                    .arg(self.tok_key(expected))
+                    .arg(self.tok_key(&new_hash))
                     .query_async(&mut c)
                     .await
                     .map_err(err)?;
-                return Ok(RotateOutcome::Rotated(StoredSession::new(Arc::new(new))));
             }
-            let _: i64 = redis::cmd("DEL")
-                .arg(self.tok_key(&new_hash))
-                .query_async(&mut c)
-                .await
-                .map_err(err)?;
         }
         Err(conflict())
     }
@@ -1268,5 +1286,27 @@ impl SessionStore for RedisStore {
         let mut c = self.conn().await?;
         let _: String = redis::cmd("PING").query_async(&mut c).await.map_err(err)?;
         Ok(())
+    }
+
+    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
+        let mut c = self.conn().await?;
+        let (v, doc): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.keyring_key())
+            .arg("v")
+            .arg("doc")
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(v.zip(doc))
+    }
+
+    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let mut inv = self.inner.keyring.prepare_invoke();
+        inv.key(self.keyring_key())
+            .arg(expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg(doc);
+        let applied: i64 = inv.invoke_async(&mut c).await.map_err(err)?;
+        Ok(applied == 1)
     }
 }

@@ -50,6 +50,9 @@ pub struct Row {
     pub revoked_reason: Option<String>,
     /// When the session was revoked or expired.
     pub ended_at: Option<i64>,
+    /// Token mode's refresh state (JSON text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<String>,
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -85,6 +88,7 @@ impl Row {
             state: state.to_owned(),
             revoked_reason,
             ended_at,
+            refresh: r.refresh.as_deref().map(str::to_owned),
         }
     }
 
@@ -133,6 +137,7 @@ impl Row {
             },
             data: self.data.into(),
             state,
+            refresh: self.refresh.map(Into::into),
         })
     }
 }

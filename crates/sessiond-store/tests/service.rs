@@ -48,7 +48,8 @@ fn create_req(user: &str) -> CreateSessionRequest {
 
 fn verify_req(token: &str) -> VerifyRequest {
     VerifyRequest {
-        token: token.into(),
+        token: Some(token.into()),
+        access_token: None,
         client: None,
         require: None,
     }
@@ -149,7 +150,8 @@ async fn step_up_requirements_and_reauthentication() {
     let f = fixture();
     let t = login(&f, "u").await;
     let req = |token: &str, age, aal| VerifyRequest {
-        token: token.into(),
+        token: Some(token.into()),
+        access_token: None,
         client: None,
         require: Some(Requirements {
             max_auth_age_s: age,
@@ -340,4 +342,410 @@ async fn authenticated_at_in_the_future_is_refused_and_in_the_past_is_kept() {
     };
     let s = f.svc.create(&past).await.unwrap().session;
     assert_eq!(s.auth.authenticated_at, now - chrono::Duration::hours(1));
+}
+
+// ---- Token mode: access tokens, refresh rotation, theft detection, key rotation ----
+
+mod tokens {
+    use super::*;
+    use sessiond_core::api::TokensPolicy;
+    use sessiond_core::jwt::{Keyring, Rotation, SigningAlg};
+    use sessiond_core::keys::Keys;
+    use sessiond_core::store::SessionStore;
+
+    struct TokenFixture {
+        f: Fixture,
+        store: Arc<dyn SessionStore>,
+        keys: Arc<Keys>,
+    }
+
+    fn tokens_policy(f: impl FnOnce(&mut TokensPolicy)) -> PolicyDocument {
+        let mut t = TokensPolicy {
+            access_token_ttl_s: 300,
+            refresh_token: true,
+            refresh_reuse_grace_s: 10,
+            issuer: "https://auth.example".into(),
+            audience: "api".into(),
+        };
+        f(&mut t);
+        PolicyDocument {
+            tokens: Some(t),
+            ..PolicyDocument::default()
+        }
+    }
+
+    async fn fixture(alg: SigningAlg) -> TokenFixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn SessionStore> =
+            Arc::new(EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap());
+        let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_700_000_000_000)));
+        let events = Arc::new(MemorySink::default());
+        let keys = Arc::new(
+            Keys::load_or_init(store.clone(), None, alg, clock.now())
+                .await
+                .unwrap(),
+        );
+        let svc = SessionService::new(
+            store.clone(),
+            clock.clone(),
+            events.clone(),
+            ServiceConfig::default(),
+        )
+        .with_keys(keys.clone());
+        svc.put_policy("default", tokens_policy(|_| ()))
+            .await
+            .unwrap();
+        TokenFixture {
+            f: Fixture {
+                svc,
+                clock,
+                events,
+                _dir: dir,
+            },
+            store,
+            keys,
+        }
+    }
+
+    fn access_req(jwt: &str) -> VerifyRequest {
+        VerifyRequest {
+            token: None,
+            access_token: Some(jwt.into()),
+            client: None,
+            require: None,
+        }
+    }
+
+    struct Pair {
+        access: String,
+        refresh: String,
+        handle: String,
+    }
+
+    async fn login(t: &TokenFixture, user: &str) -> Pair {
+        let mut claims = serde_json::Map::new();
+        claims.insert("role".into(), "editor".into());
+        let issued =
+            t.f.svc
+                .create(&CreateSessionRequest {
+                    user_id: user.into(),
+                    access_token_claims: Some(claims),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        Pair {
+            access: issued.access_token.unwrap().0,
+            refresh: issued.refresh_token.unwrap().expose().to_owned(),
+            handle: issued.session.handle,
+        }
+    }
+
+    fn claims_of(jwt: &str) -> serde_json::Value {
+        use base64::Engine;
+        let payload = jwt.split('.').nth(1).unwrap();
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        serde_json::from_slice(&raw).unwrap()
+    }
+
+    #[tokio::test]
+    async fn access_tokens_carry_the_session_and_verify_at_the_server() {
+        for alg in [SigningAlg::EdDSA, SigningAlg::ES256] {
+            let t = fixture(alg).await;
+            let p = login(&t, "alice").await;
+            let c = claims_of(&p.access);
+            assert_eq!(c["sub"], "alice");
+            assert_eq!(c["sid"], p.handle.as_str());
+            assert_eq!(c["iss"], "https://auth.example");
+            assert_eq!(c["aud"], "api");
+            assert_eq!(c["tenant"], "default");
+            assert_eq!(c["aal"], 1);
+            assert_eq!(c["role"], "editor");
+            assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 300);
+            let s = t.f.svc.verify(&access_req(&p.access)).await.unwrap();
+            assert_eq!(s.handle, p.handle);
+            // Expired at the access token's lifetime, whatever the session does.
+            t.f.clock.advance_secs(300);
+            assert!(matches!(
+                t.f.svc.verify(&access_req(&p.access)).await,
+                Err(CoreError::TokenExpired)
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn issuer_audience_and_revocation_are_checked_at_the_server() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        let p = login(&t, "bob").await;
+        t.f.svc
+            .put_policy(
+                "default",
+                tokens_policy(|x| x.issuer = "https://other".into()),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            t.f.svc.verify(&access_req(&p.access)).await,
+            Err(CoreError::TokenInvalid(m)) if m.contains("issuer")
+        ));
+        t.f.svc
+            .put_policy("default", tokens_policy(|x| x.audience = "web".into()))
+            .await
+            .unwrap();
+        assert!(matches!(
+            t.f.svc.verify(&access_req(&p.access)).await,
+            Err(CoreError::TokenInvalid(m)) if m.contains("audience")
+        ));
+        t.f.svc
+            .put_policy("default", tokens_policy(|_| ()))
+            .await
+            .unwrap();
+        t.f.svc.revoke(&p.handle, None).await.unwrap();
+        assert!(matches!(
+            t.f.svc.verify(&access_req(&p.access)).await,
+            Err(CoreError::SessionRevoked)
+        ));
+        // Exactly one kind of token per verify.
+        let both = VerifyRequest {
+            token: Some("x".into()),
+            access_token: Some(p.access.clone()),
+            client: None,
+            require: None,
+        };
+        assert!(matches!(
+            t.f.svc.verify(&both).await,
+            Err(CoreError::InvalidRequest(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn access_tokens_never_outlive_the_session() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        t.f.svc
+            .put_policy(
+                "default",
+                PolicyDocument {
+                    idle_timeout_s: 60,
+                    absolute_timeout_s: 120,
+                    ..tokens_policy(|x| x.access_token_ttl_s = 3600)
+                },
+            )
+            .await
+            .unwrap();
+        let p = login(&t, "cap").await;
+        let c = claims_of(&p.access);
+        assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 120);
+    }
+
+    #[tokio::test]
+    async fn refresh_rotates_and_slides_and_the_grace_period_returns_the_same_pair() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        let p = login(&t, "carol").await;
+        t.f.clock.advance_secs(1000);
+        let r1 = t.f.svc.refresh(&p.refresh).await.unwrap();
+        assert_ne!(r1.refresh_token.expose(), p.refresh);
+        assert_ne!(r1.access_token, p.access);
+        // The idle expiry slid to the refresh.
+        assert_eq!(
+            r1.session.idle_expires_at,
+            t.f.clock.now().plus_secs(1800).to_datetime()
+        );
+        // A second tab presenting the same token within the grace period gets the same pair.
+        t.f.clock.advance_secs(5);
+        let r2 = t.f.svc.refresh(&p.refresh).await.unwrap();
+        assert_eq!(r2.refresh_token.expose(), r1.refresh_token.expose());
+        assert_eq!(r2.access_token, r1.access_token);
+        // The new refresh token works and is itself spent by use.
+        let r3 = t.f.svc.refresh(r1.refresh_token.expose()).await.unwrap();
+        assert!(t.f.svc.verify(&access_req(&r3.access_token)).await.is_ok());
+        assert!(
+            t.f.events
+                .events()
+                .iter()
+                .filter(|e| e.kind == EventKind::SessionRefreshed)
+                .count()
+                == 2,
+            "a re-issued pair is not a second refresh"
+        );
+        // A refresh token that never existed for this session changes nothing.
+        let mut forged = r3.refresh_token.expose().to_owned();
+        forged.pop();
+        forged.push(if forged.ends_with('A') { 'B' } else { 'A' });
+        assert!(matches!(
+            t.f.svc.refresh(&forged).await,
+            Err(CoreError::SessionUnknown)
+        ));
+        assert!(t.f.svc.refresh(r3.refresh_token.expose()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn reuse_after_the_grace_period_revokes_the_session_for_both_parties() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        let p = login(&t, "dave").await;
+        // The legitimate client refreshes; the thief holds the old refresh token.
+        let legit = t.f.svc.refresh(&p.refresh).await.unwrap();
+        t.f.clock.advance_secs(11);
+        assert!(matches!(
+            t.f.svc.refresh(&p.refresh).await,
+            Err(CoreError::TokenReused)
+        ));
+        let s = t.f.svc.get(&p.handle).await.unwrap();
+        assert_eq!(s.status, SessionStatus::Revoked);
+        assert_eq!(s.revoked_reason.as_deref(), Some("theft_detected"));
+        assert!(t.f.events.events().iter().any(|e| {
+            e.kind == EventKind::SessionRevoked && e.reason.as_deref() == Some("theft_detected")
+        }));
+        // Neither party can go on.
+        assert!(matches!(
+            t.f.svc.refresh(legit.refresh_token.expose()).await,
+            Err(CoreError::SessionRevoked)
+        ));
+        assert!(matches!(
+            t.f.svc.verify(&access_req(&legit.access_token)).await,
+            Err(CoreError::SessionRevoked)
+        ));
+    }
+
+    #[tokio::test]
+    async fn refresh_of_ended_sessions_answers_the_session_code() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        let p = login(&t, "erin").await;
+        t.f.clock.advance_secs(1800);
+        assert!(matches!(
+            t.f.svc.refresh(&p.refresh).await,
+            Err(CoreError::SessionExpired)
+        ));
+        let p = login(&t, "erin").await;
+        t.f.svc.revoke(&p.handle, None).await.unwrap();
+        assert!(matches!(
+            t.f.svc.refresh(&p.refresh).await,
+            Err(CoreError::SessionRevoked)
+        ));
+        assert!(matches!(
+            t.f.svc.refresh("sdr_garbage").await,
+            Err(CoreError::SessionUnknown)
+        ));
+    }
+
+    #[tokio::test]
+    async fn claims_are_checked_and_need_token_mode() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        let mut bad = serde_json::Map::new();
+        bad.insert("sub".into(), "root".into());
+        let req = CreateSessionRequest {
+            user_id: "u".into(),
+            access_token_claims: Some(bad),
+            ..Default::default()
+        };
+        assert!(matches!(
+            t.f.svc.create(&req).await,
+            Err(CoreError::InvalidRequest(m)) if m.contains("sub")
+        ));
+        let plain = super::fixture();
+        let mut ok = serde_json::Map::new();
+        ok.insert("role".into(), "x".into());
+        let req = CreateSessionRequest {
+            user_id: "u".into(),
+            access_token_claims: Some(ok),
+            ..Default::default()
+        };
+        assert!(matches!(
+            plain.svc.create(&req).await,
+            Err(CoreError::InvalidRequest(_))
+        ));
+        // Without token mode, create hands out no access or refresh token.
+        let i = plain.svc.create(&create_req("u")).await.unwrap();
+        assert!(i.access_token.is_none() && i.refresh_token.is_none());
+    }
+
+    #[tokio::test]
+    async fn tokens_signed_before_a_key_rotation_verify_until_they_expire() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        let before = login(&t, "frank").await;
+        let old_kid = Keyring::kid_of(&before.access).unwrap();
+        let rotation = Rotation {
+            alg: SigningAlg::ES256,
+            activate_after_s: 0,
+            retire_after_s: 300,
+        };
+        let new_kid = Keys::rotate(&*t.store, None, rotation, t.f.clock.now())
+            .await
+            .unwrap();
+        // This node has not reloaded yet; a token of the new key makes it reload.
+        let after = login(&t, "frank").await;
+        assert_eq!(Keyring::kid_of(&after.access).unwrap(), old_kid);
+        t.keys.reload(t.f.clock.now()).await.unwrap();
+        let after = login(&t, "frank").await;
+        assert_eq!(Keyring::kid_of(&after.access).unwrap(), new_kid);
+        let kids: Vec<String> =
+            t.f.svc
+                .jwks()
+                .await
+                .unwrap()
+                .keys
+                .into_iter()
+                .map(|k| k.kid)
+                .collect();
+        assert!(kids.contains(&old_kid) && kids.contains(&new_kid));
+        assert!(t.f.svc.verify(&access_req(&before.access)).await.is_ok());
+        assert!(t.f.svc.verify(&access_req(&after.access)).await.is_ok());
+        // After the old key retires, its tokens (long expired by then) are refused and it
+        // leaves the JWKS.
+        t.f.clock.advance_secs(300);
+        let kids: Vec<String> =
+            t.f.svc
+                .jwks()
+                .await
+                .unwrap()
+                .keys
+                .into_iter()
+                .map(|k| k.kid)
+                .collect();
+        assert_eq!(kids, vec![new_kid]);
+        assert!(t.f.svc.verify(&access_req(&before.access)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_node_reloads_when_it_meets_a_key_it_does_not_know() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        // A second node on the same store, which rotates and signs with the new key.
+        let other_keys = Arc::new(
+            Keys::load_or_init(t.store.clone(), None, SigningAlg::EdDSA, t.f.clock.now())
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            other_keys.current().unwrap().signing_kid(t.f.clock.now()),
+            t.keys.current().unwrap().signing_kid(t.f.clock.now()),
+            "both nodes share one keyring"
+        );
+        let rotation = Rotation {
+            alg: SigningAlg::EdDSA,
+            activate_after_s: 0,
+            retire_after_s: 300,
+        };
+        Keys::rotate(&*t.store, None, rotation, t.f.clock.now())
+            .await
+            .unwrap();
+        t.f.clock.advance_secs(2);
+        other_keys.reload(t.f.clock.now()).await.unwrap();
+        let other = SessionService::new(
+            t.store.clone(),
+            t.f.clock.clone(),
+            t.f.events.clone(),
+            ServiceConfig::default(),
+        )
+        .with_keys(other_keys);
+        let issued = other.create(&create_req("gina")).await.unwrap();
+        let jwt = issued.access_token.unwrap().0;
+        assert!(
+            !t.keys
+                .current()
+                .unwrap()
+                .knows(&Keyring::kid_of(&jwt).unwrap())
+        );
+        assert!(t.f.svc.verify(&access_req(&jwt)).await.is_ok());
+    }
 }

@@ -69,6 +69,144 @@ enum Command {
     },
     /// Print a new random API key (256 bits from the OS CSPRNG).
     GenerateKey,
+    /// Manage the keyring that signs access tokens (token mode).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// Where the keyring is: the store of the configuration.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// Directory of the embedded store [default: ./sessiond-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The store URL (as for serve). Also SESSIOND_STORE.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE", env = "SESSIOND_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Add a new signing key and retire the current ones.
+    ///
+    /// The new key is published in the JWKS at once and signs from --activate-after-s seconds
+    /// on, so that every node and verifier can learn it first (nodes reload the keyring every
+    /// jwt.reload_interval_s). The old keys stay published, so tokens they signed keep
+    /// verifying, for --retire-after-s seconds after that: at least the longest access-token
+    /// lifetime.
+    Rotate {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Algorithm of the new key: EdDSA or ES256 [default: jwt.algorithm].
+        #[arg(long, value_name = "ALG")]
+        algorithm: Option<String>,
+        /// Seconds until the new key signs [default: twice jwt.reload_interval_s].
+        #[arg(long, value_name = "SECONDS")]
+        activate_after_s: Option<u64>,
+        /// Seconds the old keys stay published after the new one signs [default: 3660, the
+        /// longest access-token lifetime and a minute of clock skew].
+        #[arg(long, value_name = "SECONDS")]
+        retire_after_s: Option<u64>,
+    },
+    /// List the keys of the keyring: id, algorithm, when it signs, when it retires.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// Loads the configuration and opens its store, for the keys commands.
+async fn open_for_keys(
+    args: StoreArgs,
+) -> anyhow::Result<(
+    Config,
+    std::sync::Arc<dyn sessiond_core::store::SessionStore>,
+)> {
+    let cfg = Config::load(
+        args.config.as_deref(),
+        &Overrides {
+            listen: None,
+            data_dir: args.data_dir,
+            store: args.store,
+        },
+    )?;
+    let policy = Policy::new(cfg.default_policy.clone())?;
+    let store = sessiond_server::open_store(&cfg, policy, cfg.migrate_on_start).await?;
+    Ok((cfg, store))
+}
+
+fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
+    use sessiond_core::jwt::{Keyring, MAX_ACCESS_TOKEN_TTL_S, Rotation, SigningAlg};
+    use sessiond_core::keys::Keys;
+    use sessiond_core::time::{Clock, SystemClock};
+    runtime()?.block_on(async move {
+        let now = SystemClock.now();
+        match command {
+            KeysCommand::Rotate {
+                store,
+                algorithm,
+                activate_after_s,
+                retire_after_s,
+            } => {
+                let (cfg, store) = open_for_keys(store).await?;
+                let alg = match algorithm {
+                    Some(a) => SigningAlg::parse(&a)?,
+                    None => cfg.jwt.signing_alg()?,
+                };
+                let r = Rotation {
+                    alg,
+                    activate_after_s: activate_after_s.unwrap_or(2 * cfg.jwt.reload_interval_s),
+                    retire_after_s: retire_after_s.unwrap_or(MAX_ACCESS_TOKEN_TTL_S + 60),
+                };
+                let sealing = cfg.jwt.sealing_key()?;
+                let kid = Keys::rotate(&*store, sealing.as_ref(), r, now).await?;
+                store.flush().await?;
+                #[allow(clippy::print_stdout)]
+                {
+                    println!(
+                        "added key {kid} ({}): published now, signs from {}",
+                        alg.as_str(),
+                        now.plus_secs(r.activate_after_s).to_datetime().to_rfc3339()
+                    );
+                }
+            }
+            KeysCommand::List { store } => {
+                let (cfg, store) = open_for_keys(store).await?;
+                let Some((version, doc)) = store.keyring().await? else {
+                    anyhow::bail!("the store has no keyring yet: it is created when serve starts");
+                };
+                let ring = Keyring::load(&doc, cfg.jwt.sealing_key()?.as_ref())?;
+                let signing = ring.signing_kid(now).map(str::to_owned);
+                #[allow(clippy::print_stdout)]
+                {
+                    println!("keyring version {version}");
+                    for (kid, alg, activate, retire) in ring.describe() {
+                        let state = if Some(&kid) == signing.as_ref() {
+                            "signing"
+                        } else if retire.is_some_and(|r| r <= now) {
+                            "retired"
+                        } else if activate > now {
+                            "published, not signing yet"
+                        } else {
+                            "published"
+                        };
+                        println!(
+                            "{kid}  {}  signs from {}  retires {}  ({state})",
+                            alg.as_str(),
+                            activate.to_datetime().to_rfc3339(),
+                            retire.map_or("never".to_owned(), |r| r.to_datetime().to_rfc3339()),
+                        );
+                    }
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
 }
 
 fn init_logging(format: LogFormat) {
@@ -114,6 +252,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Keys { command } => {
+            init_logging(LogFormat::Text);
+            keys_command(command)
+        }
         Command::GenerateKey => {
             let (key, _) = TokenFormat::new("sk_")?.generate()?;
             #[allow(clippy::print_stdout)]

@@ -405,6 +405,25 @@ impl Server {
         (token, handle, r.body)
     }
 
+    /// Runs a `sessiond` command (such as `keys rotate`) on this server's store and data
+    /// directory; answers its exit status and standard output.
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env_clear()
+            .stderr(Stdio::inherit());
+        for (k, v) in self.store.env.iter().chain(&self.env) {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     pub async fn verify(&self, token: &str) -> Resp {
         self.post("/v1/sessions/verify", serde_json::json!({"token": token}))
             .await

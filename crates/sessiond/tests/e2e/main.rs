@@ -9,6 +9,7 @@ mod multinode;
 mod outage;
 mod process;
 mod readme;
+mod tokens;
 
 /// Instantiates each named `async fn` test once per store: `<name>::embedded`,
 /// `<name>::postgres`, `<name>::redis`,

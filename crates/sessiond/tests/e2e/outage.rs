@@ -369,15 +369,22 @@ async fn a_node_starts_while_its_store_is_down_and_becomes_ready(backend: Backen
     s.verify("sdt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
         .await
         .problem(503, "store_unavailable");
+    // The token keyring lives in the store too: unavailable, never made up.
+    s.get("/.well-known/jwks.json")
+        .await
+        .problem(503, "store_unavailable");
     store.proxy.restore();
     eventually("readiness", Duration::from_secs(10), async || {
         ready(&s).await == StatusCode::OK
     })
     .await;
     if backend == Backend::Redis {
-        // Redis needs no migrations: the node is fully usable once ready.
+        // Redis needs no migrations: the node is fully usable once ready, the keyring included.
         let (t, _, _) = s.login("late").await;
         assert_eq!(s.verify(&t).await.status, StatusCode::OK);
+        let jwks = s.get("/.well-known/jwks.json").await;
+        assert_eq!(jwks.status, StatusCode::OK, "{}", jwks.text);
+        assert_eq!(jwks.body["keys"].as_array().map(Vec::len), Some(1));
     }
 }
 

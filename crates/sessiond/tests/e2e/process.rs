@@ -346,6 +346,29 @@ async fn no_token_hash_or_key_in_logs_or_in_bodies_that_should_not_carry_them() 
             .await
             .text,
     );
+    // Token mode: access and refresh tokens, refreshed and verified.
+    let put = s
+        .call(
+            Method::PUT,
+            "/v1/tenants/default/policy",
+            Some(json!({"tokens": {"issuer": "https://i", "audience": "a"}})),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK);
+    let created = s.post("/v1/sessions", json!({"user_id": "audit"})).await;
+    let mut jwts = vec![created.body["access_token"].as_str().unwrap().to_owned()];
+    let refresh = created.body["refresh_token"].as_str().unwrap().to_owned();
+    secrets.push(refresh.clone());
+    let refreshed = s
+        .post("/v1/tokens/refresh", json!({"refresh_token": refresh}))
+        .await;
+    secrets.push(refreshed.body["refresh_token"].as_str().unwrap().to_owned());
+    jwts.push(refreshed.body["access_token"].as_str().unwrap().to_owned());
+    bodies.push(
+        s.post("/v1/sessions/verify", json!({"access_token": jwts[1]}))
+            .await
+            .text,
+    );
     // Wrong keys that a log might be tempted to print.
     let wrong = format!("{}-wrong", s.key);
     secrets.push(wrong.clone());
@@ -363,6 +386,19 @@ async fn no_token_hash_or_key_in_logs_or_in_bodies_that_should_not_carry_them() 
         "audit lines are logged"
     );
     assert!(log.contains(&handle), "handles may be logged");
+    for jwt in &jwts {
+        let signature = jwt.rsplit('.').next().unwrap();
+        assert!(
+            !log.contains(signature),
+            "an access token appears in the log"
+        );
+        for b in &bodies {
+            assert!(
+                !b.contains(signature),
+                "an access token appears in a response"
+            );
+        }
+    }
     for secret in &secrets {
         assert!(
             !log.contains(secret.as_str()),

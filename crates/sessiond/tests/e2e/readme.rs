@@ -4,15 +4,16 @@ use std::process::Command;
 
 use crate::harness::Server;
 
-fn walkthrough() -> String {
+/// The shell of the README section between `<!-- NAME:start -->` and `<!-- NAME:end -->`.
+fn section(name: &str) -> String {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
     let start = readme
-        .find("<!-- walkthrough:start -->")
-        .expect("walk-through start marker");
+        .find(&format!("<!-- {name}:start -->"))
+        .expect("section start marker");
     let end = readme
-        .find("<!-- walkthrough:end -->")
-        .expect("walk-through end marker");
+        .find(&format!("<!-- {name}:end -->"))
+        .expect("section end marker");
     let section = &readme[start..end];
     let mut script = String::new();
     let mut inside = false;
@@ -41,7 +42,7 @@ async fn the_readme_walkthrough_works_as_printed() {
     let workdir = s.dir.parent().unwrap().to_owned();
     std::fs::rename(&s.dir, workdir.join("sessiond-data")).ok();
     let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &walkthrough()])
+        .args(["-euo", "pipefail", "-c", &section("walkthrough")])
         .current_dir(&workdir)
         .env("SESSIOND", &s.base)
         .env_remove("SESSIOND_API_KEY")
@@ -67,4 +68,34 @@ async fn the_readme_walkthrough_works_as_printed() {
     assert!(stdout.contains("Max-Age=0"), "{stdout}");
 }
 
-crate::on_every_store!(the_readme_walkthrough_works_as_printed,);
+async fn the_readme_token_mode_example_works_as_printed() {
+    let s = Server::start_without_key();
+    let workdir = s.dir.parent().unwrap().to_owned();
+    std::fs::rename(&s.dir, workdir.join("sessiond-data")).ok();
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &section("tokens")])
+        .current_dir(&workdir)
+        .env("SESSIOND", &s.base)
+        .env_remove("SESSIOND_API_KEY")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "example failed:\n{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            r#"{"access_token_ttl_s":300,"refresh_token":true,"refresh_reuse_grace_s":10,"issuer":"https://auth.example.com","audience":"api.example.com"}"#,
+            "EdDSA",
+            "u-7",
+            "true"
+        ],
+        "{stderr}"
+    );
+}
+
+crate::on_every_store!(
+    the_readme_walkthrough_works_as_printed,
+    the_readme_token_mode_example_works_as_printed,
+);

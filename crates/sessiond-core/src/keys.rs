@@ -1,0 +1,145 @@
+//! [`Keys`]: the keyring of token mode, shared by every node through the store.
+//!
+//! The first node to start with an empty store generates the keyring and stores it (a
+//! compare-and-set, so concurrent first starts agree on one). Every node keeps the loaded keyring
+//! in memory and reloads it periodically and when it meets a key id it does not know, so a
+//! rotation made by any node or by `sessiond keys rotate` reaches all of them. A node that
+//! starts while its store is down loads the keyring on first need once the store answers.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::error::CoreError;
+use crate::jwt::{Keyring, Rotation, SealingKey, SigningAlg};
+use crate::store::SessionStore;
+use crate::time::Timestamp;
+
+/// Smallest interval between reloads triggered by unknown key ids, in milliseconds.
+const MIN_RELOAD_INTERVAL_MS: i64 = 1000;
+/// Attempts of a compare-and-set on the keyring before giving up.
+const CAS_ATTEMPTS: usize = 5;
+
+/// The loaded keyring and how to reload it.
+pub struct Keys {
+    store: Arc<dyn SessionStore>,
+    sealing: Option<SealingKey>,
+    alg: SigningAlg,
+    current: RwLock<Option<Arc<Keyring>>>,
+    last_reload_ms: AtomicI64,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("keyring", &self.current())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keys {
+    /// Keys on `store`, nothing loaded yet: [`Keys::ensure`] or [`Keys::reload`] loads them.
+    /// A keyring generated here gets a key of `alg`.
+    pub fn new(store: Arc<dyn SessionStore>, sealing: Option<SealingKey>, alg: SigningAlg) -> Self {
+        Self {
+            store,
+            sealing,
+            alg,
+            current: RwLock::new(None),
+            last_reload_ms: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// [`Keys::new`] and the first load.
+    pub async fn load_or_init(
+        store: Arc<dyn SessionStore>,
+        sealing: Option<SealingKey>,
+        alg: SigningAlg,
+        now: Timestamp,
+    ) -> Result<Self, CoreError> {
+        let keys = Self::new(store, sealing, alg);
+        keys.reload(now).await?;
+        Ok(keys)
+    }
+
+    /// The keyring in use, if loaded.
+    pub fn current(&self) -> Option<Arc<Keyring>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The keyring in use, loading it first if it is not loaded yet.
+    pub async fn ensure(&self, now: Timestamp) -> Result<Arc<Keyring>, CoreError> {
+        if let Some(k) = self.current() {
+            return Ok(k);
+        }
+        self.reload(now).await?;
+        self.current()
+            .ok_or_else(|| CoreError::Internal("the keyring did not load".into()))
+    }
+
+    /// Loads the stored keyring, or generates one and stores it if there is none.
+    pub async fn reload(&self, now: Timestamp) -> Result<(), CoreError> {
+        self.last_reload_ms
+            .store(now.as_millis(), Ordering::Release);
+        for _ in 0..CAS_ATTEMPTS {
+            if let Some((_, doc)) = self.store.keyring().await? {
+                let ring = Keyring::load(&doc, self.sealing.as_ref())?;
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Arc::new(ring));
+                return Ok(());
+            }
+            let doc = Keyring::generate(self.alg, now, self.sealing.as_ref())?;
+            if self.store.put_keyring(None, &doc).await? {
+                tracing::info!(
+                    algorithm = self.alg.as_str(),
+                    "generated the token signing keyring"
+                );
+            }
+        }
+        Err(CoreError::Conflict)
+    }
+
+    /// Reloads unless a reload happened less than a second ago; `true` if it reloaded.
+    pub async fn reload_soon(&self, now: Timestamp) -> Result<bool, CoreError> {
+        let last = self.last_reload_ms.load(Ordering::Acquire);
+        if now.as_millis().saturating_sub(last) < MIN_RELOAD_INTERVAL_MS
+            || self
+                .last_reload_ms
+                .compare_exchange(last, now.as_millis(), Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return Ok(false);
+        }
+        self.reload(now).await?;
+        Ok(true)
+    }
+
+    /// Rotates the stored keyring (see [`Keyring::rotate`]); returns the new key's id. Nodes
+    /// pick the change up at their next reload.
+    pub async fn rotate(
+        store: &dyn SessionStore,
+        sealing: Option<&SealingKey>,
+        r: Rotation,
+        now: Timestamp,
+    ) -> Result<String, CoreError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (version, doc) = match store.keyring().await? {
+                Some((v, d)) => (Some(v), d),
+                None => (None, Keyring::generate(r.alg, now, sealing)?),
+            };
+            // Refuse to rotate a keyring that cannot be read with this configuration.
+            Keyring::load(&doc, sealing)?;
+            let new_doc = Keyring::rotate(&doc, r, now, sealing)?;
+            let ring = Keyring::load(&new_doc, sealing)?;
+            if store.put_keyring(version, &new_doc).await? {
+                return ring
+                    .newest_kid()
+                    .map(str::to_owned)
+                    .ok_or_else(|| CoreError::Internal("rotation added no key".into()));
+            }
+        }
+        Err(CoreError::Conflict)
+    }
+}

@@ -147,5 +147,23 @@ fn access_tokens(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, tokens, decision, access_tokens);
+/// The signature check alone, with aws-lc-rs directly: the floor under `access_token/verify`.
+fn raw_signatures(c: &mut Criterion) {
+    use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let msg = [7u8; 300];
+    let sig = pair.sign(&msg);
+    let public = UnparsedPublicKey::new(&ED25519, pair.public_key().as_ref().to_vec());
+    c.bench_function("signature/ed25519 verify (aws-lc-rs)", |b| {
+        b.iter(|| {
+            public
+                .verify(black_box(&msg), black_box(sig.as_ref()))
+                .unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, tokens, decision, access_tokens, raw_signatures);
 criterion_main!(benches);

@@ -64,6 +64,34 @@ fn problem(status: StatusCode, code: &str, detail: String) -> Response {
     res
 }
 
+/// The status and stable code a core error is answered with.
+pub fn core_status(e: &CoreError) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    match e {
+        CoreError::InvalidRequest(_) => (S::BAD_REQUEST, codes::INVALID_REQUEST),
+        CoreError::InvalidPolicy(_) => (S::BAD_REQUEST, codes::INVALID_POLICY),
+        CoreError::SessionUnknown => (S::UNAUTHORIZED, codes::SESSION_UNKNOWN),
+        CoreError::SessionExpired => (S::UNAUTHORIZED, codes::SESSION_EXPIRED),
+        CoreError::SessionRevoked => (S::UNAUTHORIZED, codes::SESSION_REVOKED),
+        CoreError::ReauthenticationRequired(_) => (S::FORBIDDEN, codes::REAUTHENTICATION_REQUIRED),
+        CoreError::SessionLimitReached => (S::CONFLICT, codes::SESSION_LIMIT_REACHED),
+        CoreError::SessionNotActive => (S::CONFLICT, codes::SESSION_NOT_ACTIVE),
+        CoreError::DataTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, codes::DATA_TOO_LARGE),
+        CoreError::NotFound => (S::NOT_FOUND, codes::NOT_FOUND),
+        CoreError::Conflict => (S::CONFLICT, codes::CONFLICT),
+        CoreError::TokenReused => (S::UNAUTHORIZED, codes::TOKEN_REUSED),
+        CoreError::TokenInvalid(_) => (S::UNAUTHORIZED, codes::TOKEN_INVALID),
+        CoreError::TokenExpired => (S::UNAUTHORIZED, codes::TOKEN_EXPIRED),
+        CoreError::Store(_) => (S::SERVICE_UNAVAILABLE, codes::STORE_UNAVAILABLE),
+        CoreError::Internal(_) => (S::INTERNAL_SERVER_ERROR, codes::INTERNAL),
+    }
+}
+
+/// The stable code a core error is answered with.
+pub fn core_code(e: &CoreError) -> &'static str {
+    core_status(e).1
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         use StatusCode as S;
@@ -90,45 +118,21 @@ impl IntoResponse for ApiError {
                 return res;
             }
             ApiError::RequestTimeout => (S::SERVICE_UNAVAILABLE, codes::REQUEST_TIMEOUT, detail),
-            ApiError::Core(e) => match e {
-                CoreError::InvalidRequest(_) => (S::BAD_REQUEST, codes::INVALID_REQUEST, detail),
-                CoreError::InvalidPolicy(_) => (S::BAD_REQUEST, codes::INVALID_POLICY, detail),
-                CoreError::SessionUnknown => (S::UNAUTHORIZED, codes::SESSION_UNKNOWN, detail),
-                CoreError::SessionExpired => (S::UNAUTHORIZED, codes::SESSION_EXPIRED, detail),
-                CoreError::SessionRevoked => (S::UNAUTHORIZED, codes::SESSION_REVOKED, detail),
-                CoreError::ReauthenticationRequired(_) => {
-                    (S::FORBIDDEN, codes::REAUTHENTICATION_REQUIRED, detail)
-                }
-                CoreError::SessionLimitReached => {
-                    (S::CONFLICT, codes::SESSION_LIMIT_REACHED, detail)
-                }
-                CoreError::SessionNotActive => (S::CONFLICT, codes::SESSION_NOT_ACTIVE, detail),
-                CoreError::DataTooLarge { .. } => {
-                    (S::PAYLOAD_TOO_LARGE, codes::DATA_TOO_LARGE, detail)
-                }
-                CoreError::NotFound => (S::NOT_FOUND, codes::NOT_FOUND, detail),
-                CoreError::Conflict => (S::CONFLICT, codes::CONFLICT, detail),
-                CoreError::TokenReused => (S::UNAUTHORIZED, codes::TOKEN_REUSED, detail),
-                CoreError::TokenInvalid(_) => (S::UNAUTHORIZED, codes::TOKEN_INVALID, detail),
-                CoreError::TokenExpired => (S::UNAUTHORIZED, codes::TOKEN_EXPIRED, detail),
-                CoreError::Store(e) => {
-                    tracing::error!(error = %e, "store failure");
-                    (
-                        S::SERVICE_UNAVAILABLE,
-                        codes::STORE_UNAVAILABLE,
-                        "the session store cannot be reached; no session can be verified"
-                            .to_owned(),
-                    )
-                }
-                CoreError::Internal(m) => {
-                    tracing::error!(error = %m, "internal error");
-                    (
-                        S::INTERNAL_SERVER_ERROR,
-                        codes::INTERNAL,
-                        "internal error".to_owned(),
-                    )
-                }
-            },
+            ApiError::Core(e) => {
+                let (status, code) = core_status(&e);
+                let detail = match &e {
+                    CoreError::Store(err) => {
+                        tracing::error!(error = %err, "store failure");
+                        "the session store cannot be reached; no session can be verified".to_owned()
+                    }
+                    CoreError::Internal(m) => {
+                        tracing::error!(error = %m, "internal error");
+                        "internal error".to_owned()
+                    }
+                    _ => detail,
+                };
+                (status, code, detail)
+            }
         };
         problem(status, code, detail)
     }

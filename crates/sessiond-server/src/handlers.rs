@@ -85,9 +85,20 @@ pub async fn verify(
     State(s): State<AppState>,
     StrictJson(req): StrictJson<VerifyRequest>,
 ) -> ApiResult<SessionResponse> {
-    Ok(Json(SessionResponse {
-        session: s.service.verify(&req).await?,
-    }))
+    let kind = if req.access_token.is_some() {
+        "access"
+    } else {
+        "session"
+    };
+    let r = s.service.verify(&req).await;
+    s.metrics.verified(
+        kind,
+        match &r {
+            Ok(_) => "valid",
+            Err(e) => crate::error::core_code(e),
+        },
+    );
+    Ok(Json(SessionResponse { session: r? }))
 }
 
 /// `POST /v1/tokens/refresh`
@@ -120,6 +131,33 @@ pub async fn refresh(
         access_token_expires_at: r.access_token_expires_at.to_datetime(),
         refresh_token: r.refresh_token.expose().to_owned(),
     }))
+}
+
+/// `GET /metrics`
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses(
+        (status = 200, description = "Metrics in the OpenMetrics text format (Prometheus scrapes it with `authorization: {credentials: <api key>}`): `sessiond_http_requests_total` and `sessiond_http_request_duration_seconds` by route template (`/v1/sessions/:handle`), `sessiond_verifies_total` by token kind and outcome, `sessiond_events_total` by event type and reason, and for PostgreSQL and Redis `sessiond_store_operation_duration_seconds` and `sessiond_store_errors_total` by operation.", content_type = "application/openmetrics-text", body = String),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn metrics(
+    _: Admin,
+    State(s): State<AppState>,
+) -> ([(axum::http::HeaderName, &'static str); 2], String) {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            ),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        s.metrics.render(),
+    )
 }
 
 /// `GET /.well-known/jwks.json` (public)

@@ -6,12 +6,14 @@
 //! - [`handlers`]: one thin function per endpoint;
 //! - [`error`]: the single mapping of errors to problem responses.
 //! - [`openapi`]: the OpenAPI document of the API, served at `/openapi.json`.
+//! - [`metrics`]: Prometheus metrics, served at `/metrics`.
 
 pub mod config;
 pub mod error;
 pub mod extract;
 pub mod handlers;
 pub mod limits;
+pub mod metrics;
 pub mod openapi;
 
 use std::future::Future;
@@ -56,6 +58,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// The concurrency cap and request timeout of the API routes.
     pub limits: limits::Limits,
+    /// The server's metrics.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl FromRef<AppState> for ApiKeys {
@@ -131,6 +135,11 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(handlers::readyz))
         .route("/openapi.json", get(openapi::document))
         .route("/.well-known/jwks.json", get(handlers::jwks))
+        .route("/metrics", get(handlers::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            metrics::track,
+        ))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
@@ -307,7 +316,17 @@ impl Server {
         let default_policy = Policy::new(config.default_policy.clone())
             .map_err(|e| ConfigError(format!("default_policy: {e}")))?;
         let store = open_store(&config, default_policy, config.migrate_on_start).await?;
-        let events: Arc<dyn EventSink> = Arc::new(LogSink);
+        let metrics = Arc::new(metrics::Metrics::new());
+        // The shared stores' operations are network round trips: time them. The embedded
+        // store answers from memory, where timing would cost more than it tells.
+        let store: Arc<dyn SessionStore> = match StoreUrl::parse(config.store.as_deref())? {
+            StoreUrl::Embedded => store,
+            _ => Arc::new(metrics::TimedStore::new(store, metrics.clone())),
+        };
+        let events: Arc<dyn EventSink> = Arc::new(metrics::CountingSink::new(
+            metrics.clone(),
+            Arc::new(LogSink),
+        ));
         let token_format = TokenFormat::new(&config.token_prefix)
             .map_err(|e| ConfigError(format!("token_prefix: {e}")))?;
         let jwt_keys = Arc::new(Keys::new(
@@ -343,6 +362,7 @@ impl Server {
                 max_concurrent_requests: config.max_concurrent_requests,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
             },
+            metrics,
         };
         Ok(Self {
             state,

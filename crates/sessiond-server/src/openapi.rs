@@ -50,6 +50,7 @@ const CACHE_CONTROL: &str = "public, max-age=3600";
         handlers::put_policy,
         handlers::refresh,
         handlers::jwks,
+        handlers::metrics,
         handlers::healthz,
         handlers::readyz,
         document,

@@ -5,6 +5,7 @@ mod api;
 mod errors;
 mod harness;
 mod lifecycle;
+mod metrics;
 mod multinode;
 mod outage;
 mod process;

@@ -1,0 +1,377 @@
+//! Metrics in the Prometheus (OpenMetrics) text format, served at `GET /metrics` behind the API
+//! key: requests and their latency per route, verify outcomes, lifecycle events, and the latency
+//! and failures of the shared stores' operations.
+//!
+//! Each [`Metrics`] owns its registry (no global state), so servers in one process do not mix
+//! their figures. Label values are bounded: route templates (never raw paths), status codes,
+//! stable error codes, event types and reasons.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde_json::{Map, Value};
+use sessiond_core::events::{Event, EventSink};
+use sessiond_core::policy::Policy;
+use sessiond_core::session::{SessionRecord, StoredSession};
+use sessiond_core::store::{
+    DataUpdate, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome, SessionStore,
+    StoreError, SweepReport,
+};
+use sessiond_core::time::Timestamp;
+use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
+
+/// `Content-Type` of the rendered metrics.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerifyLabels {
+    token: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    r#type: &'static str,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to about 13 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 19))
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: HistogramFamily<RouteLabels>,
+    verifies: Family<VerifyLabels, Counter>,
+    events: Family<EventLabels, Counter>,
+    store_seconds: HistogramFamily<OperationLabels>,
+    store_errors: Family<OperationLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Empty metrics, registered under `sessiond_`.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sessiond");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_seconds: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
+        let verifies = Family::<VerifyLabels, Counter>::default();
+        let events = Family::<EventLabels, Counter>::default();
+        let store_seconds: HistogramFamily<OperationLabels> =
+            Family::new_with_constructor(latency_histogram);
+        let store_errors = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route template, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "verifies",
+            "Verifications by token kind (session or access) and outcome (valid or the error code)",
+            verifies.clone(),
+        );
+        registry.register(
+            "events",
+            "Lifecycle events by type and reason (created, rotated, refreshed, revoked, ...)",
+            events.clone(),
+        );
+        registry.register(
+            "store_operation_duration_seconds",
+            "Time of a shared store's operations (PostgreSQL, Redis), by operation",
+            store_seconds.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Failed operations of a shared store (PostgreSQL, Redis), by operation",
+            store_errors.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_seconds,
+            verifies,
+            events,
+            store_seconds,
+            store_errors,
+        }
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Counts a verification: `token` is `session` or `access`, `outcome` is `valid` or the
+    /// error code answered.
+    pub fn verified(&self, token: &'static str, outcome: &'static str) {
+        self.verifies
+            .get_or_create(&VerifyLabels { token, outcome })
+            .inc();
+    }
+
+    fn store_op(&self, operation: &'static str, started: Instant, failed: bool) {
+        let labels = OperationLabels { operation };
+        self.store_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if failed {
+            self.store_errors.get_or_create(&labels).inc();
+        }
+    }
+}
+
+/// A route template as a label: `/v1/sessions/{handle}` becomes `/v1/sessions/:handle`, so that
+/// no brace reaches tools that split label values naively.
+fn route_label(template: &str) -> String {
+    template.replace('{', ":").replace('}', "")
+}
+
+/// Middleware: counts and times every routed request by its route template.
+pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| route_label(p.as_str()));
+    let method = req.method().as_str().to_owned();
+    let started = Instant::now();
+    let res = next.run(req).await;
+    m.request_seconds
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    m.requests
+        .get_or_create(&RequestLabels {
+            route,
+            method,
+            status: res.status().as_u16(),
+        })
+        .inc();
+    res
+}
+
+/// An event sink that counts events, then hands them on.
+pub struct CountingSink {
+    metrics: Arc<Metrics>,
+    next: Arc<dyn EventSink>,
+}
+
+impl CountingSink {
+    /// Counts into `metrics`, then records with `next`.
+    pub fn new(metrics: Arc<Metrics>, next: Arc<dyn EventSink>) -> Self {
+        Self { metrics, next }
+    }
+}
+
+impl EventSink for CountingSink {
+    fn record(&self, e: &Event) {
+        self.metrics
+            .events
+            .get_or_create(&EventLabels {
+                r#type: e.kind.as_str(),
+                reason: e.reason.clone().unwrap_or_default(),
+            })
+            .inc();
+        self.next.record(e);
+    }
+}
+
+/// A store that times every operation of the store it wraps (for the shared stores, whose
+/// operations are network round trips).
+pub struct TimedStore {
+    inner: Arc<dyn SessionStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl TimedStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn SessionStore>, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+macro_rules! timed {
+    ($self:ident, $op:literal, $call:expr) => {{
+        let started = Instant::now();
+        let r = $call.await;
+        $self.metrics.store_op($op, started, r.is_err());
+        r
+    }};
+}
+
+#[async_trait]
+impl SessionStore for TimedStore {
+    async fn insert(
+        &self,
+        record: SessionRecord,
+        now: Timestamp,
+    ) -> Result<InsertOutcome, StoreError> {
+        timed!(self, "insert", self.inner.insert(record, now))
+    }
+
+    async fn find_by_token(&self, hash: &TokenHash) -> Result<Option<StoredSession>, StoreError> {
+        timed!(self, "find_by_token", self.inner.find_by_token(hash))
+    }
+
+    async fn find_by_token_with_policy(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<(StoredSession, Arc<Policy>)>, StoreError> {
+        timed!(
+            self,
+            "find_by_token_with_policy",
+            self.inner.find_by_token_with_policy(hash)
+        )
+    }
+
+    async fn find_by_handle(
+        &self,
+        handle: &SessionHandle,
+    ) -> Result<Option<StoredSession>, StoreError> {
+        timed!(self, "find_by_handle", self.inner.find_by_handle(handle))
+    }
+
+    async fn touch(
+        &self,
+        session: &StoredSession,
+        policy: &Policy,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        timed!(self, "touch", self.inner.touch(session, policy, at))
+    }
+
+    async fn rotate(
+        &self,
+        handle: &SessionHandle,
+        change: &Rekey,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        timed!(self, "rotate", self.inner.rotate(handle, change, now))
+    }
+
+    async fn revoke(
+        &self,
+        handle: &SessionHandle,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Option<RevokeOutcome>, StoreError> {
+        timed!(self, "revoke", self.inner.revoke(handle, reason, now))
+    }
+
+    async fn revoke_user(
+        &self,
+        user_id: &UserId,
+        tenant: Option<&TenantId>,
+        except: Option<&SessionHandle>,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<Vec<SessionHandle>, StoreError> {
+        timed!(
+            self,
+            "revoke_user",
+            self.inner.revoke_user(user_id, tenant, except, reason, now)
+        )
+    }
+
+    async fn update_data(
+        &self,
+        handle: &SessionHandle,
+        patch: &Map<String, Value>,
+        limit: usize,
+        now: Timestamp,
+    ) -> Result<DataUpdate, StoreError> {
+        timed!(
+            self,
+            "update_data",
+            self.inner.update_data(handle, patch, limit, now)
+        )
+    }
+
+    async fn list_user(
+        &self,
+        query: &ListQuery,
+        now: Timestamp,
+    ) -> Result<Vec<StoredSession>, StoreError> {
+        timed!(self, "list_user", self.inner.list_user(query, now))
+    }
+
+    async fn policy(&self, tenant: &TenantId) -> Result<Arc<Policy>, StoreError> {
+        timed!(self, "policy", self.inner.policy(tenant))
+    }
+
+    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError> {
+        timed!(self, "put_policy", self.inner.put_policy(tenant, policy))
+    }
+
+    async fn sweep(&self, now: Timestamp, retention_s: u64) -> Result<SweepReport, StoreError> {
+        timed!(self, "sweep", self.inner.sweep(now, retention_s))
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        timed!(self, "flush", self.inner.flush())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        timed!(self, "ping", self.inner.ping())
+    }
+
+    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
+        timed!(self, "keyring", self.inner.keyring())
+    }
+
+    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
+        timed!(self, "put_keyring", self.inner.put_keyring(expected, doc))
+    }
+}

@@ -1,0 +1,136 @@
+//! `GET /metrics`: behind the API key, parseable by a Prometheus text-format parser, and moving
+//! as sessions are created and verified.
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::harness::Server;
+
+/// The scraped samples.
+async fn scrape(s: &Server) -> Vec<prometheus_parse::Sample> {
+    let r = s.get("/metrics").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
+        "{:?}",
+        r.header("content-type")
+    );
+    let lines = r.text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines)
+        .expect("the metrics parse as Prometheus text")
+        .samples
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn value(samples: &[prometheus_parse::Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref b) => b.last().map_or(0.0, |b| b.count),
+            prometheus_parse::Value::Summary(_) => 0.0,
+        })
+        .sum()
+}
+
+async fn metrics_are_protected_parse_and_move_with_traffic() {
+    let s = Server::start();
+    let anonymous = s.raw(Method::GET, "/metrics").send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+
+    let before = scrape(&s).await;
+    let created = |m: &[prometheus_parse::Sample]| {
+        value(m, "sessiond_events_total", &[("type", "session.created")])
+    };
+    let valid = |m: &[prometheus_parse::Sample]| {
+        value(
+            m,
+            "sessiond_verifies_total",
+            &[("token", "session"), ("outcome", "valid")],
+        )
+    };
+    let (token, _, _) = s.login("metrics-user").await;
+    s.login("metrics-user").await;
+    for _ in 0..3 {
+        assert_eq!(s.verify(&token).await.status, StatusCode::OK);
+    }
+    s.verify("sdt_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .await
+        .problem(401, "session_unknown");
+    s.post("/v1/sessions/logout", json!({"token": token})).await;
+
+    let after = scrape(&s).await;
+    assert_eq!(created(&after) - created(&before), 2.0);
+    assert_eq!(valid(&after) - valid(&before), 3.0);
+    assert_eq!(
+        value(
+            &after,
+            "sessiond_verifies_total",
+            &[("outcome", "session_unknown")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "sessiond_events_total",
+            &[("type", "session.revoked"), ("reason", "logout")]
+        ),
+        1.0
+    );
+    // Requests by route template (never the raw path), with their status.
+    assert_eq!(
+        value(
+            &after,
+            "sessiond_http_requests_total",
+            &[("route", "/v1/sessions/verify"), ("status", "200")]
+        ),
+        3.0
+    );
+    assert!(
+        value(
+            &after,
+            "sessiond_http_request_duration_seconds_count",
+            &[("route", "/v1/sessions")]
+        ) >= 2.0
+            || value(
+                &after,
+                "sessiond_http_request_duration_seconds",
+                &[("route", "/v1/sessions")]
+            ) >= 2.0
+    );
+    let get = s.get("/v1/sessions/ses_AAAAAAAAAAAAAAAAAAAAAA").await;
+    assert_eq!(get.status, StatusCode::NOT_FOUND);
+    let later = scrape(&s).await;
+    assert_eq!(
+        value(
+            &later,
+            "sessiond_http_requests_total",
+            &[("route", "/v1/sessions/:handle"), ("status", "404")]
+        ),
+        1.0
+    );
+    assert!(
+        !later
+            .iter()
+            .any(|m| m.labels.values().any(|v| v.contains("ses_AAAA"))),
+        "no raw path or handle in a label"
+    );
+    // The shared stores' operations are timed.
+    let shared = !matches!(
+        crate::harness::BACKEND.try_with(|b| *b),
+        Ok(crate::harness::Backend::Embedded)
+    );
+    let timed = later.iter().any(|m| {
+        m.metric
+            .starts_with("sessiond_store_operation_duration_seconds")
+    });
+    assert_eq!(timed, shared);
+}
+
+crate::on_every_store!(metrics_are_protected_parse_and_move_with_traffic,);

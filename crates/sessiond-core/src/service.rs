@@ -406,18 +406,12 @@ impl SessionService {
         let ring = keys.ensure(now).await?;
         let claims = match ring.verify(jwt, now) {
             Ok(c) => c,
-            Err(Rejection::Invalid(why)) => {
-                // A key this node has not loaded yet (a rotation elsewhere): reload once.
-                let unknown = crate::jwt::Keyring::kid_of(jwt).is_some_and(|k| !ring.knows(&k));
-                if unknown && keys.reload_soon(now).await? {
-                    keys.ensure(now)
-                        .await?
-                        .verify(jwt, now)
-                        .map_err(Rejection::into_error)?
-                } else {
-                    return Err(CoreError::TokenInvalid(why.to_owned()));
-                }
-            }
+            // A key this node has not loaded yet (a rotation elsewhere): reload once.
+            Err(Rejection::UnknownKey) if keys.reload_soon(now).await? => keys
+                .ensure(now)
+                .await?
+                .verify(jwt, now)
+                .map_err(Rejection::into_error)?,
             Err(e) => return Err(e.into_error()),
         };
         let invalid = |why: &str| CoreError::TokenInvalid(why.to_owned());

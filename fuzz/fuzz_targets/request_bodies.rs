@@ -19,14 +19,14 @@ use sessiond_api::{
     ReauthenticateRequest, Requirements, SessionStatus, TokenRequest, VerifyRequest,
 };
 use sessiond_core::CoreError;
-use sessiond_core::jwt::{Keyring, SigningAlg};
-use sessiond_core::keys::Keys;
 use sessiond_core::device::device_from;
 use sessiond_core::events::MemorySink;
+use sessiond_core::jwt::{Keyring, SigningAlg};
+use sessiond_core::keys::Keys;
 use sessiond_core::policy::Policy;
 use sessiond_core::service::{ServiceConfig, SessionService};
 use sessiond_core::session::{
-    self, AuthRecord, Liveness, SessionRecord, StoredSession, StoredState, validate_requirements,
+    self, Liveness, SessionRecord, StoredSession, StoredState, validate_requirements,
 };
 use sessiond_core::store::{
     DataUpdate, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome, SessionStore,

@@ -547,6 +547,20 @@ pub struct TokensPolicy {
     pub audience: String,
 }
 
+impl TokensPolicy {
+    /// Token mode for this issuer and audience, with the defaults a `PUT` fills in for absent
+    /// fields.
+    pub fn new(issuer: impl Into<String>, audience: impl Into<String>) -> Self {
+        Self {
+            access_token_ttl_s: d_access_ttl(),
+            refresh_token: default_true(),
+            refresh_reuse_grace_s: d_grace(),
+            issuer: issuer.into(),
+            audience: audience.into(),
+        }
+    }
+}
+
 fn d_access_ttl() -> u64 {
     300
 }

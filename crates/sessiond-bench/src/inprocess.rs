@@ -218,10 +218,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
         let policy = PolicyDocument {
             tokens: Some(TokensPolicy {
                 access_token_ttl_s: 3600,
-                refresh_token: true,
-                refresh_reuse_grace_s: 10,
-                issuer: ISSUER.into(),
-                audience: AUDIENCE.into(),
+                ..TokensPolicy::new(ISSUER, AUDIENCE)
             }),
             ..PolicyDocument::default()
         };

@@ -175,13 +175,7 @@ mod tests {
     }
 
     fn tokens(f: impl FnOnce(&mut TokensPolicy)) -> TokensPolicy {
-        let mut t = TokensPolicy {
-            access_token_ttl_s: 300,
-            refresh_token: true,
-            refresh_reuse_grace_s: 10,
-            issuer: "https://auth.example".into(),
-            audience: "api".into(),
-        };
+        let mut t = TokensPolicy::new("https://auth.example", "api");
         f(&mut t);
         t
     }

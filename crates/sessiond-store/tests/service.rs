@@ -360,13 +360,7 @@ mod tokens {
     }
 
     fn tokens_policy(f: impl FnOnce(&mut TokensPolicy)) -> PolicyDocument {
-        let mut t = TokensPolicy {
-            access_token_ttl_s: 300,
-            refresh_token: true,
-            refresh_reuse_grace_s: 10,
-            issuer: "https://auth.example".into(),
-            audience: "api".into(),
-        };
+        let mut t = TokensPolicy::new("https://auth.example", "api");
         f(&mut t);
         PolicyDocument {
             tokens: Some(t),

@@ -43,17 +43,8 @@ enum Command {
         /// Address to listen on [default: 127.0.0.1:8080].
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
-        /// Directory of the embedded store [default: ./sessiond-data].
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-        /// The store: "embedded" (default), postgres://USER:PASSWORD@HOST:PORT/DB,
-        /// redis://HOST:PORT or redis+cluster://HOST1:PORT1,HOST2:PORT2 (rediss:// for TLS).
-        /// Also SESSIOND_STORE.
-        #[arg(long, value_name = "URL")]
-        store: Option<String>,
-        /// TOML configuration file.
-        #[arg(long, value_name = "FILE", env = "SESSIOND_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Apply the store's pending schema migrations, then exit.
     ///
@@ -76,18 +67,34 @@ enum Command {
     },
 }
 
-/// Where the keyring is: the store of the configuration.
+/// The configuration and the store it names (`serve` and the `keys` commands).
 #[derive(Debug, clap::Args)]
 struct StoreArgs {
     /// Directory of the embedded store [default: ./sessiond-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// The store URL (as for serve). Also SESSIOND_STORE.
+    /// The store: "embedded" (default), postgres://USER:PASSWORD@HOST:PORT/DB,
+    /// redis://HOST:PORT or redis+cluster://HOST1:PORT1,HOST2:PORT2 (rediss:// for TLS).
+    /// Also SESSIOND_STORE.
     #[arg(long, value_name = "URL")]
     store: Option<String>,
     /// TOML configuration file.
     #[arg(long, value_name = "FILE", env = "SESSIOND_CONFIG")]
     config: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// The configuration: the file, then the environment, then these flags and `listen`.
+    fn load(self, listen: Option<SocketAddr>) -> anyhow::Result<Config> {
+        Ok(Config::load(
+            self.config.as_deref(),
+            &Overrides {
+                listen,
+                data_dir: self.data_dir,
+                store: self.store,
+            },
+        )?)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,14 +134,7 @@ async fn open_for_keys(
     Config,
     std::sync::Arc<dyn sessiond_core::store::SessionStore>,
 )> {
-    let cfg = Config::load(
-        args.config.as_deref(),
-        &Overrides {
-            listen: None,
-            data_dir: args.data_dir,
-            store: args.store,
-        },
-    )?;
+    let cfg = args.load(None)?;
     let policy = Policy::new(cfg.default_policy.clone())?;
     let store = sessiond_server::open_store(&cfg, policy, cfg.migrate_on_start).await?;
     Ok((cfg, store))
@@ -278,20 +278,8 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
-        Command::Serve {
-            listen,
-            data_dir,
-            store,
-            config,
-        } => {
-            let cfg = Config::load(
-                config.as_deref(),
-                &Overrides {
-                    listen,
-                    data_dir,
-                    store,
-                },
-            )?;
+        Command::Serve { listen, store } => {
+            let cfg = store.load(listen)?;
             init_logging(cfg.log_format);
             runtime()?.block_on(async move {
                 let addr = cfg.listen;

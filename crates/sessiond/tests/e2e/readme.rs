@@ -31,29 +31,36 @@ fn section(name: &str) -> String {
     script
 }
 
+/// Runs a README section as printed with bash against a fresh server whose generated key is in
+/// ./sessiond-data/api-key, as after the quick start; asserts it succeeded and answers its
+/// standard output and error.
+fn run_section(name: &str) -> (String, String) {
+    let s = Server::start_without_key();
+    let workdir = s.dir.parent().unwrap().to_owned();
+    std::fs::rename(&s.dir, workdir.join("sessiond-data")).ok();
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &section(name)])
+        .current_dir(&workdir)
+        .env("SESSIOND", &s.base)
+        .env_remove("SESSIOND_API_KEY")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "README section {name} failed:\n{stdout}\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
 async fn the_readme_walkthrough_works_as_printed() {
     if Command::new("jq").arg("--version").output().is_err()
         || Command::new("curl").arg("--version").output().is_err()
     {
         panic!("the README walk-through needs curl and jq on PATH (.ci/run installs them)");
     }
-    // The walk-through reads the generated key from ./sessiond-data/api-key, as after the quick start.
-    let s = Server::start_without_key();
-    let workdir = s.dir.parent().unwrap().to_owned();
-    std::fs::rename(&s.dir, workdir.join("sessiond-data")).ok();
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &section("walkthrough")])
-        .current_dir(&workdir)
-        .env("SESSIOND", &s.base)
-        .env_remove("SESSIOND_API_KEY")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "walk-through failed:\n{stdout}\n{stderr}"
-    );
+    let (stdout, _) = run_section("walkthrough");
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(
         lines[0].starts_with("__Host-session=sdt_") && lines[0].contains("HttpOnly"),
@@ -69,19 +76,7 @@ async fn the_readme_walkthrough_works_as_printed() {
 }
 
 async fn the_readme_token_mode_example_works_as_printed() {
-    let s = Server::start_without_key();
-    let workdir = s.dir.parent().unwrap().to_owned();
-    std::fs::rename(&s.dir, workdir.join("sessiond-data")).ok();
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &section("tokens")])
-        .current_dir(&workdir)
-        .env("SESSIOND", &s.base)
-        .env_remove("SESSIOND_API_KEY")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "example failed:\n{stdout}\n{stderr}");
+    let (stdout, stderr) = run_section("tokens");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines,

@@ -415,6 +415,177 @@ pub struct ForceLogoutResponse {
     pub revoked: u64,
 }
 
+/// An audit event: one state change of a session, a policy or the API's access.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Event {
+    /// Sortable id: later events of one node have greater ids.
+    pub id: String,
+    /// When it happened.
+    #[serde(with = "timestamp")]
+    pub time: DateTime<Utc>,
+    /// `session.created`, `session.rotated`, `session.reauthenticated`, `session.refreshed`,
+    /// `session.revoked`, `session.expired`, `policy.updated`, `auth.failed`, `security.*`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The tenant.
+    pub tenant: String,
+    /// The user, for session events.
+    pub user_id: Option<String>,
+    /// The session, for session events.
+    pub handle: Option<String>,
+    /// The end user's client IP, when known.
+    pub ip: Option<String>,
+    /// The end user's user agent, when known.
+    pub user_agent: Option<String>,
+    /// Who made the change: `api_key:<fingerprint>`, `system` (the sweeper) or `anonymous`.
+    pub actor: Option<String>,
+    /// The request that made the change (`X-Request-Id`).
+    pub request_id: Option<String>,
+    /// Why, for revocations and failures.
+    pub reason: Option<String>,
+    /// Type-specific details, for example `new_device` and `device_id` of `session.created`.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub details: JsonObject,
+}
+
+/// The query of `GET /v1/events` (and of `GET /v1/users/{user_id}/events`, which sets
+/// `user_id` from the path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct EventQueryParams {
+    /// Only this user's events.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// Only this session's events.
+    #[serde(default)]
+    pub handle: Option<String>,
+    /// Only this type, for example `session.revoked`.
+    #[serde(default, rename = "type")]
+    pub event_type: Option<String>,
+    /// Only at or after this time (RFC 3339).
+    #[serde(default)]
+    pub since: Option<DateTime<Utc>>,
+    /// Only before this time (RFC 3339).
+    #[serde(default)]
+    pub until: Option<DateTime<Utc>>,
+    /// Page size, 1 to 500 (default 50).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// `GET /v1/events` and `GET /v1/users/{user_id}/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EventList {
+    /// The events of this page, newest first.
+    pub events: Vec<Event>,
+    /// The cursor of the next (older) page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `PUT /v1/webhooks/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WebhookInput {
+    /// Where events are POSTed: `https://...` (or `http://` to a loopback address).
+    pub url: String,
+    /// Event types to deliver; `security.*` matches every type with that prefix, `*` all.
+    pub events: Vec<String>,
+    /// The signing secret, `whsec_` followed by base64 of 24 to 64 random bytes.
+    pub secret: String,
+}
+
+/// A webhook endpoint. The secret is never returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Webhook {
+    /// The name (the path segment).
+    pub name: String,
+    /// Where events are POSTed.
+    pub url: String,
+    /// The event types delivered.
+    pub events: Vec<String>,
+    /// `config` (from the configuration file, read-only here) or `api`.
+    pub source: String,
+}
+
+/// `GET /v1/webhooks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WebhookList {
+    /// Every endpoint, by name.
+    pub webhooks: Vec<Webhook>,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Not yet accepted by the receiver; retried at `next_attempt_at`.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Every attempt failed: dead-lettered, not retried.
+    Dead,
+}
+
+impl DeliveryState {
+    /// The state's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+/// One event on its way to one webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Delivery {
+    /// `<event id>.<webhook name>`; also the `webhook-id` header, the same on every attempt.
+    pub id: String,
+    /// The webhook.
+    pub webhook: String,
+    /// The event delivered.
+    pub event: Event,
+    /// Pending, delivered or dead.
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due (pending only).
+    #[serde(with = "timestamp::option")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The HTTP status of the last attempt, if the receiver answered.
+    pub last_status: Option<u16>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When the delivery was queued.
+    #[serde(with = "timestamp")]
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    #[serde(with = "timestamp")]
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `GET /v1/webhooks/{name}/deliveries`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeliveryList {
+    /// The deliveries of this page, newest first.
+    pub deliveries: Vec<Delivery>,
+    /// The cursor of the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
 /// What happens when a user is at the session limit and creates another session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

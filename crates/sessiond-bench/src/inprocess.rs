@@ -13,7 +13,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use sessiond_api::{CreateSessionRequest, PolicyDocument, TokensPolicy, VerifyRequest};
 use sessiond_client::AccessTokenVerifier;
-use sessiond_core::events::{Event, EventSink};
+use sessiond_core::events::{Audit, Event, EventSink};
 use sessiond_core::jwt::SigningAlg;
 use sessiond_core::keys::Keys;
 use sessiond_core::service::{ServiceConfig, SessionService};
@@ -223,7 +223,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
             ..PolicyDocument::default()
         };
         setup
-            .block_on(service.put_policy("default", policy))
+            .block_on(service.put_policy("default", policy, &Audit::new("bench")))
             .context("cannot set the token-mode policy")?;
     }
     let service = Arc::new(service);
@@ -364,12 +364,15 @@ async fn create_sessions(
                     user_id: format!("bench-user-{i}"),
                     ..CreateSessionRequest::default()
                 };
-                service.create(&req).await.map(|issued| match mode {
-                    Mode::Opaque => issued.token.expose().to_owned(),
-                    Mode::AccessToken | Mode::Sdk => {
-                        issued.access_token.map(|(t, _)| t).unwrap_or_default()
-                    }
-                })
+                service
+                    .create(&req, &Audit::new("bench"))
+                    .await
+                    .map(|issued| match mode {
+                        Mode::Opaque => issued.token.expose().to_owned(),
+                        Mode::AccessToken | Mode::Sdk => {
+                            issued.access_token.map(|(t, _)| t).unwrap_or_default()
+                        }
+                    })
             });
         }
         while let Some(done) = batch.join_next().await {

@@ -8,9 +8,10 @@ use reqwest::{Method, RequestBuilder, Response, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sessiond_api::{
-    AuthInput, CreateSessionRequest, ForceLogoutResponse, JsonObject, JwkSet, LogoutResponse,
-    PolicyDocument, Problem, SessionList, SessionResponse, SessionWithToken, TokenPair,
-    VerifyRequest,
+    AuthInput, CreateSessionRequest, DeliveryList, DeliveryState, EventList, EventQueryParams,
+    ForceLogoutResponse, JsonObject, JwkSet, LogoutResponse, PolicyDocument, Problem, SessionList,
+    SessionResponse, SessionWithToken, TokenPair, VerifyRequest, Webhook, WebhookInput,
+    WebhookList,
 };
 
 use crate::error::Error;
@@ -320,6 +321,85 @@ impl Client {
         .await
     }
 
+    /// `GET /v1/events`: one page of the audit log, newest first. Pass the returned
+    /// `next_cursor` as `query.cursor` for the next (older) page.
+    pub async fn list_events(&self, query: &EventQueryParams) -> Result<EventList, Error> {
+        let mut url = self.url(&["v1", "events"])?;
+        event_query(&mut url, query, true);
+        self.send(self.authed(Method::GET, url)).await
+    }
+
+    /// `GET /v1/users/{user_id}/events`: one page of the user's events, newest first
+    /// (`query.user_id` is ignored).
+    pub async fn list_user_events(
+        &self,
+        user_id: &str,
+        query: &EventQueryParams,
+    ) -> Result<EventList, Error> {
+        let mut url = self.url(&["v1", "users", user_id, "events"])?;
+        event_query(&mut url, query, false);
+        self.send(self.authed(Method::GET, url)).await
+    }
+
+    /// `GET /v1/webhooks`: every webhook endpoint (without secrets).
+    pub async fn list_webhooks(&self) -> Result<WebhookList, Error> {
+        let url = self.url(&["v1", "webhooks"])?;
+        self.send(self.authed(Method::GET, url)).await
+    }
+
+    /// `GET /v1/webhooks/{name}`.
+    pub async fn get_webhook(&self, name: &str) -> Result<Webhook, Error> {
+        let url = self.url(&["v1", "webhooks", name])?;
+        self.send(self.authed(Method::GET, url)).await
+    }
+
+    /// `PUT /v1/webhooks/{name}`: creates or replaces an endpoint.
+    pub async fn put_webhook(&self, name: &str, input: &WebhookInput) -> Result<Webhook, Error> {
+        let url = self.url(&["v1", "webhooks", name])?;
+        self.send(self.authed(Method::PUT, url).json(input)).await
+    }
+
+    /// `DELETE /v1/webhooks/{name}`.
+    pub async fn delete_webhook(&self, name: &str) -> Result<(), Error> {
+        let url = self.url(&["v1", "webhooks", name])?;
+        let response = self
+            .authed(Method::DELETE, url)
+            .send()
+            .await
+            .map_err(Error::Transport)?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(error_from(response).await)
+        }
+    }
+
+    /// `GET /v1/webhooks/{name}/deliveries`: one page of the endpoint's deliveries, newest
+    /// first; `state` `Dead` lists the dead letters.
+    pub async fn list_deliveries(
+        &self,
+        name: &str,
+        state: Option<DeliveryState>,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<DeliveryList, Error> {
+        let mut url = self.url(&["v1", "webhooks", name, "deliveries"])?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(state) = state {
+                query.append_pair("state", state.as_str());
+            }
+            if let Some(cursor) = cursor {
+                query.append_pair("cursor", cursor);
+            }
+            if let Some(limit) = limit {
+                query.append_pair("limit", &limit.to_string());
+            }
+        }
+        strip_empty_query(&mut url);
+        self.send(self.authed(Method::GET, url)).await
+    }
+
     /// `GET /.well-known/jwks.json` (public: sent without the API key): the keys that may have
     /// signed a live access token. Entries that are not sessiond signature keys are skipped.
     pub async fn jwks(&self) -> Result<JwkSet, Error> {
@@ -369,6 +449,34 @@ impl Client {
         let body = response.bytes().await.map_err(Error::Transport)?;
         serde_json::from_slice(&body).map_err(|e| Error::decode(status, &e))
     }
+}
+
+/// Appends the parameters of an event listing (absent ones are left out).
+fn event_query(url: &mut Url, q: &EventQueryParams, with_user: bool) {
+    {
+        let mut query = url.query_pairs_mut();
+        let pairs = [
+            ("user_id", q.user_id.clone().filter(|_| with_user)),
+            ("handle", q.handle.clone()),
+            ("type", q.event_type.clone()),
+            (
+                "since",
+                q.since.as_ref().map(sessiond_api::timestamp::format),
+            ),
+            (
+                "until",
+                q.until.as_ref().map(sessiond_api::timestamp::format),
+            ),
+            ("limit", q.limit.map(|l| l.to_string())),
+            ("cursor", q.cursor.clone()),
+        ];
+        for (k, v) in pairs {
+            if let Some(v) = v {
+                query.append_pair(k, &v);
+            }
+        }
+    }
+    strip_empty_query(url);
 }
 
 /// `url.query_pairs_mut()` leaves an empty `?` behind when nothing was appended.

@@ -8,6 +8,9 @@
 //!   keys of the server's JWKS, cached and refetched when an unknown key id appears (at most once
 //!   per minimum interval, whatever the number of callers).
 //!
+//! - [`webhook::WebhookVerifier`]: checks the Standard Webhooks signature and timestamp of the
+//!   webhooks sessiond delivers, and answers the event.
+//!
 //! Neither ever puts the API key or a token into an error or into `Debug` output.
 //!
 //! This crate depends on `sessiond-api` only, never on the server.
@@ -62,6 +65,7 @@ mod client;
 mod error;
 mod jwks;
 mod verifier;
+pub mod webhook;
 
 /// The wire types of the API (the `sessiond-api` crate).
 pub use sessiond_api as api;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use sessiond_api::ClientInput;
 
 use crate::error::CoreError;
-use crate::session::DeviceRecord;
+use sha2::{Digest, Sha256};
+
+use crate::session::{DeviceRecord, SessionRecord};
 
 /// Longest user agent accepted.
 pub const MAX_USER_AGENT: usize = 1024;
@@ -50,6 +52,45 @@ pub fn parse_user_agent(ua: &str) -> (Option<Arc<str>>, Option<Arc<str>>) {
         Some(r) => (known(r.name), known(r.os)),
         None => (None, None),
     }
+}
+
+/// A stable, non-secret id of the device a session was created on: a digest of its browser
+/// family, OS family and network (the /24 of an IPv4 address, the /48 of an IPv6 address), so
+/// that a new browser version or a new address in the same network is the same device. `None`
+/// when the session names no client at all.
+pub fn device_id(rec: &SessionRecord) -> Option<String> {
+    let d = &rec.device;
+    if d.ip.is_none() && d.browser.is_none() && d.os.is_none() {
+        return None;
+    }
+    let net = match d.ip {
+        None => String::new(),
+        Some(IpAddr::V4(v4)) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        }
+        Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => {
+                let o = v4.octets();
+                format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+            }
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+            }
+        },
+    };
+    let text = format!(
+        "sessiond device v1\n{}\n{}\n{net}",
+        d.browser.as_deref().unwrap_or(""),
+        d.os.as_deref().unwrap_or("")
+    );
+    let digest = Sha256::digest(text.as_bytes());
+    let mut out = String::from("dev_");
+    for b in &digest[..12] {
+        out.push_str(&format!("{b:02x}"));
+    }
+    Some(out)
 }
 
 #[cfg(test)]

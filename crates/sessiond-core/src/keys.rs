@@ -14,6 +14,9 @@ use crate::jwt::{Keyring, Rotation, SealingKey, SigningAlg};
 use crate::store::SessionStore;
 use crate::time::Timestamp;
 
+/// The name of the keyring document in the store.
+pub const KEYRING_DOC: &str = "keyring";
+
 /// Smallest interval between reloads triggered by unknown key ids, in milliseconds.
 const MIN_RELOAD_INTERVAL_MS: i64 = 1000;
 /// Attempts of a compare-and-set on the keyring before giving up.
@@ -84,14 +87,14 @@ impl Keys {
         self.last_reload_ms
             .store(now.as_millis(), Ordering::Release);
         for _ in 0..CAS_ATTEMPTS {
-            if let Some((_, doc)) = self.store.keyring().await? {
+            if let Some((_, doc)) = self.store.document(KEYRING_DOC).await? {
                 let ring = Keyring::load(&doc, self.sealing.as_ref())?;
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) =
                     Some(Arc::new(ring));
                 return Ok(());
             }
             let doc = Keyring::generate(self.alg, now, self.sealing.as_ref())?;
-            if self.store.put_keyring(None, &doc).await? {
+            if self.store.put_document(KEYRING_DOC, None, &doc).await? {
                 tracing::info!(
                     algorithm = self.alg.as_str(),
                     "generated the token signing keyring"
@@ -125,7 +128,7 @@ impl Keys {
         now: Timestamp,
     ) -> Result<String, CoreError> {
         for _ in 0..CAS_ATTEMPTS {
-            let (version, doc) = match store.keyring().await? {
+            let (version, doc) = match store.document(KEYRING_DOC).await? {
                 Some((v, d)) => (Some(v), d),
                 None => (None, Keyring::generate(r.alg, now, sealing)?),
             };
@@ -133,7 +136,7 @@ impl Keys {
             Keyring::load(&doc, sealing)?;
             let new_doc = Keyring::rotate(&doc, r, now, sealing)?;
             let ring = Keyring::load(&new_doc, sealing)?;
-            if store.put_keyring(version, &new_doc).await? {
+            if store.put_document(KEYRING_DOC, version, &new_doc).await? {
                 return ring
                     .newest_kid()
                     .map(str::to_owned)

@@ -5,7 +5,7 @@
 //! - [`policy`]: validated tenant policies;
 //! - [`session`]: the session record and the lifecycle rules (expiry, step-up, limits, data);
 //! - [`store`]: the [`store::SessionStore`] port every backend implements;
-//! - [`events`]: the [`events::EventSink`] port;
+//! - [`events`]: events, the [`events::Audit`] context and the [`events::EventSink`] port;
 //! - [`jwt`], [`keys`], [`refresh`]: token mode: signed access tokens, the shared keyring, and
 //!   rotating refresh tokens with reuse detection;
 //! - [`service`]: [`service::SessionService`], the operations of the API over those ports.

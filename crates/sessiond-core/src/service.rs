@@ -2,6 +2,7 @@
 //! store calls. It owns no I/O of its own: storage, time and events come through the ports.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -11,7 +12,7 @@ use sessiond_api as api;
 use crate::cookie;
 use crate::device::device_from;
 use crate::error::CoreError;
-use crate::events::{Event, EventKind, EventSink};
+use crate::events::{Audit, EventKind, EventSink, SYSTEM_ACTOR};
 use crate::jwt::Rejection;
 use crate::keys::Keys;
 use crate::policy::Policy;
@@ -21,7 +22,8 @@ use crate::session::{
     encode_data, liveness, liveness_error, to_api, validate_requirements,
 };
 use crate::store::{
-    DataUpdate, Expect, InsertOutcome, ListQuery, Rekey, RotateOutcome, SessionStore, SweepReport,
+    DataUpdate, EventQuery, Expect, InsertOutcome, ListQuery, Rekey, RotateOutcome, SessionStore,
+    SweepReport,
 };
 use crate::time::{Clock, Timestamp};
 use crate::token::{SessionHandle, SessionToken, TenantId, TokenFormat, TokenHash, UserId};
@@ -97,6 +99,7 @@ pub struct SessionService {
     events: Arc<dyn EventSink>,
     cfg: ServiceConfig,
     keys: Option<Arc<Keys>>,
+    deliver: AtomicBool,
 }
 
 impl SessionService {
@@ -113,6 +116,7 @@ impl SessionService {
             events,
             cfg,
             keys: None,
+            deliver: AtomicBool::new(false),
         }
     }
 
@@ -183,15 +187,40 @@ impl SessionService {
         self.clock.now()
     }
 
-    fn emit(&self, kind: EventKind, rec: &SessionRecord, at: Timestamp, reason: Option<&str>) {
-        self.events.record(&Event {
-            kind,
-            at,
-            tenant: rec.tenant.clone(),
-            user_id: Some(rec.user_id.clone()),
-            handle: Some(rec.handle.clone()),
-            reason: reason.map(str::to_owned),
-        });
+    /// The operation's context, with the outbox switch of this service.
+    fn scoped(&self, audit: &Audit) -> Audit {
+        let mut a = audit.clone();
+        a.deliver = self.deliver.load(AtomicOrdering::Relaxed);
+        a
+    }
+
+    /// Reports the events the store committed for this operation to the sink.
+    fn publish(&self, audit: &Audit) {
+        for e in audit.take_committed() {
+            self.events.record(&e);
+        }
+    }
+
+    /// Whether new events go to the webhook outbox (set while webhooks are configured).
+    pub fn set_deliver(&self, on: bool) {
+        self.deliver.store(on, AtomicOrdering::Relaxed);
+    }
+
+    /// Records events that change nothing else (`auth.failed`), then reports them.
+    pub async fn record(&self, events: Vec<crate::events::Event>) -> Result<(), CoreError> {
+        let deliver = self.deliver.load(AtomicOrdering::Relaxed);
+        let events: Vec<_> = events
+            .into_iter()
+            .map(|mut e| {
+                e.deliver = deliver;
+                e
+            })
+            .collect();
+        self.store.append_events(&events).await?;
+        for e in &events {
+            self.events.record(e);
+        }
+        Ok(())
     }
 
     fn issued(
@@ -258,7 +287,12 @@ impl SessionService {
     }
 
     /// Creates a session for an authenticated user.
-    pub async fn create(&self, req: &api::CreateSessionRequest) -> Result<Issued, CoreError> {
+    pub async fn create(
+        &self,
+        req: &api::CreateSessionRequest,
+        audit: &Audit,
+    ) -> Result<Issued, CoreError> {
+        let audit = &self.scoped(audit);
         let now = self.clock.now();
         let user_id = UserId::parse(&req.user_id)?;
         let tenant = match req.tenant.as_deref() {
@@ -312,20 +346,10 @@ impl SessionService {
                 .transpose()?,
         };
         let record = Arc::new(record);
-        match self.store.insert((*record).clone(), now).await? {
+        match self.store.insert((*record).clone(), now, audit).await? {
             InsertOutcome::LimitReached => Err(CoreError::SessionLimitReached),
-            InsertOutcome::Inserted { evicted } => {
-                for h in evicted {
-                    self.events.record(&Event {
-                        kind: EventKind::SessionRevoked,
-                        at: now,
-                        tenant: record.tenant.clone(),
-                        user_id: Some(record.user_id.clone()),
-                        handle: Some(h),
-                        reason: Some("limit_evicted".into()),
-                    });
-                }
-                self.emit(EventKind::SessionCreated, &record, now, None);
+            InsertOutcome::Inserted { .. } => {
+                self.publish(audit);
                 let jti = match &refresh_state {
                     Some(s) => s.jti(&record.handle),
                     None => URL_SAFE_NO_PAD.encode(crate::token::random_bytes::<16>()?),
@@ -448,7 +472,8 @@ impl SessionService {
     /// Exchanges a refresh token for a new pair, sliding the session's idle expiry. The presented
     /// token is spent; presenting it again within the tenant's grace period returns the same
     /// pair, later revokes the session (`theft_detected`) and answers [`CoreError::TokenReused`].
-    pub async fn refresh(&self, presented: &str) -> Result<Refreshed, CoreError> {
+    pub async fn refresh(&self, presented: &str, audit: &Audit) -> Result<Refreshed, CoreError> {
+        let audit = &self.scoped(audit);
         let (handle, secret) = refresh::parse(presented).ok_or(CoreError::SessionUnknown)?;
         for _ in 0..4 {
             let now = self.clock.now();
@@ -487,10 +512,11 @@ impl SessionService {
                         token_hash: None,
                         refresh: Some(next.to_text()?),
                         auth: None,
+                        event: EventKind::SessionRefreshed,
                     };
-                    match self.store.rotate(&handle, &change, now).await? {
+                    match self.store.rotate(&handle, &change, now, audit).await? {
                         RotateOutcome::Rotated(s) => {
-                            self.emit(EventKind::SessionRefreshed, &s.record, now, None);
+                            self.publish(audit);
                             return self.pair(&s, &policy, &next, now, now, token).await;
                         }
                         // Lost a race with another refresh or an end: look again.
@@ -505,17 +531,10 @@ impl SessionService {
                     return self.pair(&s, &policy, &state, issued, now, token).await;
                 }
                 _ => {
-                    let out = self.store.revoke(&handle, "theft_detected", now).await?;
-                    if let Some(out) = out
-                        && out.revoked_now
-                    {
-                        self.emit(
-                            EventKind::SessionRevoked,
-                            &out.session.record,
-                            now,
-                            Some("theft_detected"),
-                        );
-                    }
+                    self.store
+                        .revoke(&handle, "theft_detected", now, audit)
+                        .await?;
+                    self.publish(audit);
                     tracing::warn!(
                         target: "sessiond::security",
                         handle = %handle,
@@ -559,7 +578,9 @@ impl SessionService {
         &self,
         token: &str,
         auth: Option<&api::AuthInput>,
+        audit: &Audit,
     ) -> Result<Issued, CoreError> {
+        let audit = &self.scoped(audit);
         let now = self.clock.now();
         let auth = match auth {
             Some(a) => Some(Self::auth_from(Some(a), now)?),
@@ -572,16 +593,16 @@ impl SessionService {
             expect: Expect::Token(old_hash),
             token_hash: Some(new_hash),
             refresh: None,
-            auth: auth.clone(),
+            event: if auth.is_some() {
+                EventKind::SessionReauthenticated
+            } else {
+                EventKind::SessionRotated
+            },
+            auth,
         };
-        match self.store.rotate(&handle, &change, now).await? {
+        match self.store.rotate(&handle, &change, now, audit).await? {
             RotateOutcome::Rotated(s) => {
-                let kind = if auth.is_some() {
-                    EventKind::SessionReauthenticated
-                } else {
-                    EventKind::SessionRotated
-                };
-                self.emit(kind, &s.record, now, None);
+                self.publish(audit);
                 Ok(self.issued(&s, &policy, new_token, now))
             }
             // Lost a race: the token was rotated or the session ended meanwhile.
@@ -596,8 +617,8 @@ impl SessionService {
     }
 
     /// Issues a new token for the session; the old one stops working at once.
-    pub async fn rotate(&self, token: &str) -> Result<Issued, CoreError> {
-        self.rotate_with(token, None).await
+    pub async fn rotate(&self, token: &str, audit: &Audit) -> Result<Issued, CoreError> {
+        self.rotate_with(token, None, audit).await
     }
 
     /// Records a fresh authentication (step-up) and rotates the token.
@@ -605,18 +626,24 @@ impl SessionService {
         &self,
         token: &str,
         auth: &api::AuthInput,
+        audit: &Audit,
     ) -> Result<Issued, CoreError> {
         if auth.authenticated_at.is_some() {
             return Err(CoreError::InvalidRequest(
                 "auth.authenticated_at is set by the server on reauthenticate".into(),
             ));
         }
-        self.rotate_with(token, Some(auth)).await
+        self.rotate_with(token, Some(auth), audit).await
     }
 
     /// Logs out: revokes the token's session (reason `logout`). Idempotent for a session that
     /// has already ended. Returns the session and the cookie-clearing `Set-Cookie` value.
-    pub async fn logout(&self, token: &str) -> Result<(api::Session, String), CoreError> {
+    pub async fn logout(
+        &self,
+        token: &str,
+        audit: &Audit,
+    ) -> Result<(api::Session, String), CoreError> {
+        let audit = &self.scoped(audit);
         let now = self.clock.now();
         let hash = self
             .cfg
@@ -634,17 +661,10 @@ impl SessionService {
         let policy = self.store.policy(&found.record.tenant).await?;
         let out = self
             .store
-            .revoke(&found.record.handle, "logout", now)
+            .revoke(&found.record.handle, "logout", now, audit)
             .await?
             .ok_or(CoreError::SessionUnknown)?;
-        if out.revoked_now {
-            self.emit(
-                EventKind::SessionRevoked,
-                &out.session.record,
-                now,
-                Some("logout"),
-            );
-        }
+        self.publish(audit);
         Ok((
             to_api(&out.session, &policy, now),
             cookie::clear_cookie(policy.cookie()),
@@ -692,24 +712,19 @@ impl SessionService {
         &self,
         handle: &str,
         reason: Option<&str>,
+        audit: &Audit,
     ) -> Result<api::Session, CoreError> {
+        let audit = &self.scoped(audit);
         let handle = SessionHandle::parse(handle)?;
         let reason = reason.unwrap_or("revoked");
         validate_reason(reason)?;
         let now = self.clock.now();
         let out = self
             .store
-            .revoke(&handle, reason, now)
+            .revoke(&handle, reason, now, audit)
             .await?
             .ok_or(CoreError::NotFound)?;
-        if out.revoked_now {
-            self.emit(
-                EventKind::SessionRevoked,
-                &out.session.record,
-                now,
-                Some(reason),
-            );
-        }
+        self.publish(audit);
         let policy = self.store.policy(&out.session.record.tenant).await?;
         Ok(to_api(&out.session, &policy, now))
     }
@@ -766,7 +781,9 @@ impl SessionService {
         user_id: &str,
         tenant: Option<&str>,
         except: Option<&str>,
+        audit: &Audit,
     ) -> Result<u64, CoreError> {
+        let audit = &self.scoped(audit);
         let user_id = UserId::parse(user_id)?;
         let tenant = tenant.map(TenantId::parse).transpose()?;
         let except = except
@@ -785,27 +802,10 @@ impl SessionService {
                 except.as_ref(),
                 "force_logout",
                 now,
+                audit,
             )
             .await?;
-        for h in &revoked {
-            // The tenant of each revoked session is not needed by the store's answer; look it up
-            // for the event only when it was not given.
-            let tenant = match &tenant {
-                Some(t) => t.clone(),
-                None => match self.store.find_by_handle(h).await? {
-                    Some(s) => s.record.tenant.clone(),
-                    None => TenantId::default_tenant(),
-                },
-            };
-            self.events.record(&Event {
-                kind: EventKind::SessionRevoked,
-                at: now,
-                tenant,
-                user_id: Some(user_id.clone()),
-                handle: Some(h.clone()),
-                reason: Some("force_logout".into()),
-            });
-        }
+        self.publish(audit);
         Ok(revoked.len() as u64)
     }
 
@@ -820,37 +820,76 @@ impl SessionService {
         &self,
         tenant: &str,
         doc: api::PolicyDocument,
+        audit: &Audit,
     ) -> Result<api::PolicyDocument, CoreError> {
+        let audit = &self.scoped(audit);
         let tenant = TenantId::parse(tenant)?;
         let policy = Policy::new(doc)?;
         let doc = policy.document().clone();
-        self.store.put_policy(&tenant, policy).await?;
-        self.events.record(&Event {
-            kind: EventKind::PolicyUpdated,
-            at: self.clock.now(),
-            tenant,
-            user_id: None,
-            handle: None,
-            reason: None,
-        });
+        let now = self.clock.now();
+        self.store.put_policy(&tenant, policy, now, audit).await?;
+        self.publish(audit);
         Ok(doc)
     }
 
     /// Marks timed-out sessions expired and purges those ended over `retention_s` ago.
+    /// Records a `session.expired` per expired session.
     pub async fn sweep(&self, retention_s: u64) -> Result<SweepReport, CoreError> {
+        let audit = &self.scoped(&Audit::new(SYSTEM_ACTOR));
         let now = self.clock.now();
-        let report = self.store.sweep(now, retention_s).await?;
-        for e in &report.expired {
-            self.events.record(&Event {
-                kind: EventKind::SessionExpired,
-                at: e.at,
-                tenant: e.tenant.clone(),
-                user_id: Some(e.user_id.clone()),
-                handle: Some(e.handle.clone()),
-                reason: None,
-            });
-        }
+        let report = self.store.sweep(now, retention_s, audit).await?;
+        self.publish(audit);
         Ok(report)
+    }
+
+    /// Deletes events (and known devices, finished deliveries) older than `retention_s`.
+    pub async fn purge_events(&self, retention_s: u64) -> Result<u64, CoreError> {
+        let before = self.clock.now().minus_secs(retention_s);
+        Ok(self.store.purge_events(before).await?)
+    }
+
+    /// A page of events, newest first.
+    pub async fn events(&self, q: &api::EventQueryParams) -> Result<api::EventList, CoreError> {
+        let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(CoreError::InvalidRequest(format!(
+                "limit must be 1 to {MAX_PAGE}"
+            )));
+        }
+        let before_id = match q.cursor.as_deref() {
+            None => None,
+            Some(c) if crate::events::is_event_id(c) => Some(c.to_owned()),
+            Some(_) => return Err(CoreError::InvalidRequest("invalid cursor".into())),
+        };
+        let event_type = match q.event_type.as_deref() {
+            None => None,
+            Some(t) if is_event_type(t) => Some(t.to_owned()),
+            Some(_) => {
+                return Err(CoreError::InvalidRequest(
+                    "type must be an event type such as session.revoked".into(),
+                ));
+            }
+        };
+        let query = EventQuery {
+            user_id: q.user_id.as_deref().map(UserId::parse).transpose()?,
+            handle: q.handle.as_deref().map(SessionHandle::parse).transpose()?,
+            event_type,
+            since: q.since.map(Timestamp::from_datetime),
+            until: q.until.map(Timestamp::from_datetime),
+            before_id,
+            limit: limit + 1,
+        };
+        let mut events = self.store.events(&query).await?;
+        let next_cursor = if events.len() > limit {
+            events.truncate(limit);
+            events.last().map(|e| e.id.clone())
+        } else {
+            None
+        };
+        Ok(api::EventList {
+            events,
+            next_cursor,
+        })
     }
 
     /// Whether the store answers.
@@ -862,6 +901,15 @@ impl SessionService {
 /// Whether a session in a listing counts as active (helper for stores).
 pub fn is_active(s: &StoredSession, policy: &Policy, now: Timestamp) -> bool {
     liveness(&s.record, s.last_seen_at, policy, now) == Liveness::Active
+}
+
+/// Whether `t` looks like an event type: `word.word`, lowercase with underscores.
+fn is_event_type(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 64
+        && t.split('.').count() == 2
+        && t.split('.')
+            .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
 }
 
 fn validate_reason(reason: &str) -> Result<(), CoreError> {

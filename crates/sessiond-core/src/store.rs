@@ -14,6 +14,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
+use crate::api;
+use crate::events::{Audit, Event, EventKind};
 use crate::policy::Policy;
 use crate::session::{AuthRecord, SessionRecord, StoredSession};
 use crate::time::Timestamp;
@@ -62,6 +64,8 @@ pub struct Rekey {
     pub refresh: Option<Arc<str>>,
     /// A fresh authentication.
     pub auth: Option<AuthRecord>,
+    /// The event the change records: rotated, reauthenticated or refreshed.
+    pub event: EventKind,
 }
 
 impl Rekey {
@@ -174,10 +178,16 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Stores a new session, enforcing the tenant policy's per-user limit atomically: with
     /// `evict_oldest`, revokes the user's least recently used active sessions until the new one
     /// fits; with `deny`, stores nothing and answers [`InsertOutcome::LimitReached`].
+    ///
+    /// Records `session.created` (with `new_device`, see [`SessionStore::insert`]'s device
+    /// rule) and a `session.revoked` (`limit_evicted`) per evicted session, with the change.
+    /// A device is new when the user (in the tenant) has no session created from the same
+    /// [`crate::device::device_id`] within the event retention.
     async fn insert(
         &self,
         record: SessionRecord,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<InsertOutcome, StoreError>;
 
     /// The session whose current token has this hash, whatever its status.
@@ -220,23 +230,29 @@ pub trait SessionStore: Send + Sync + 'static {
     /// session seen at `now`: a new token (the old one stops working at once), a new refresh
     /// state, a fresh authentication. [`RotateOutcome::Stale`] if the condition does not hold or
     /// the session is not active.
+    /// Records `change.event` with the change.
     async fn rotate(
         &self,
         handle: &SessionHandle,
         change: &Rekey,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<RotateOutcome, StoreError>;
 
     /// Revokes the session if it is active; idempotent. `None` if there is no such session.
+    /// Records `session.revoked` with the reason when this call ended it.
     async fn revoke(
         &self,
         handle: &SessionHandle,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Option<RevokeOutcome>, StoreError>;
 
     /// Revokes every active session of the user (in `tenant`, or in every tenant), except
-    /// `except`, atomically. Returns the revoked handles.
+    /// `except`, atomically. Returns the revoked handles. Records a `session.revoked` per
+    /// revoked session.
+    #[allow(clippy::too_many_arguments)]
     async fn revoke_user(
         &self,
         user_id: &UserId,
@@ -244,6 +260,7 @@ pub trait SessionStore: Send + Sync + 'static {
         except: Option<&SessionHandle>,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Vec<SessionHandle>, StoreError>;
 
     /// Applies a JSON merge patch to an active session's data, atomically, if the result fits
@@ -266,12 +283,23 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The tenant's policy: the stored one, or the store's default.
     async fn policy(&self, tenant: &TenantId) -> Result<Arc<Policy>, StoreError>;
 
-    /// Replaces the tenant's policy.
-    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError>;
+    /// Replaces the tenant's policy; records `policy.updated` with the change.
+    async fn put_policy(
+        &self,
+        tenant: &TenantId,
+        policy: Policy,
+        now: Timestamp,
+        audit: &Audit,
+    ) -> Result<(), StoreError>;
 
     /// Marks timed-out sessions expired, and deletes sessions that ended more than
-    /// `retention_s` seconds before `now`.
-    async fn sweep(&self, now: Timestamp, retention_s: u64) -> Result<SweepReport, StoreError>;
+    /// `retention_s` seconds before `now`. Records a `session.expired` per expired session.
+    async fn sweep(
+        &self,
+        now: Timestamp,
+        retention_s: u64,
+        audit: &Audit,
+    ) -> Result<SweepReport, StoreError>;
 
     /// Makes deferred writes (batched last-seen times) durable.
     async fn flush(&self) -> Result<(), StoreError>;
@@ -279,11 +307,124 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// The keyring document of token mode and its version, if one was stored. Read from the
-    /// backend itself (not a cache), so that a rotation by another process is seen.
-    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError>;
+    /// A named document (token mode's `keyring`, the `webhooks`, leases) and its version, if
+    /// one was stored. Read from the backend itself (not a cache), so that a change by another
+    /// process is seen.
+    async fn document(&self, name: &str) -> Result<Option<(u64, String)>, StoreError>;
 
-    /// Stores the keyring document if the stored version is still `expected` (`None`: no
-    /// keyring yet); the new version is `expected + 1` (or 1). `false` if another writer won.
-    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError>;
+    /// Stores the named document if the stored version is still `expected` (`None`: none
+    /// stored yet); the new version is `expected + 1` (or 1). `false` if another writer won.
+    async fn put_document(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        doc: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Records events that change nothing else (`auth.failed`, detectors' findings).
+    async fn append_events(&self, events: &[Event]) -> Result<(), StoreError>;
+
+    /// Events matching the query, newest first (by id).
+    async fn events(&self, query: &EventQuery) -> Result<Vec<api::Event>, StoreError>;
+
+    /// Deletes events, known devices and finished deliveries older than `before`.
+    async fn purge_events(&self, before: Timestamp) -> Result<u64, StoreError>;
+
+    /// The oldest events written with `deliver` that have not been fanned out to webhooks.
+    async fn pending_events(&self, limit: usize) -> Result<Vec<api::Event>, StoreError>;
+
+    /// Queues `deliveries` and takes `events` out of the pending set, atomically.
+    async fn fan_out(
+        &self,
+        events: &[String],
+        deliveries: &[api::Delivery],
+    ) -> Result<(), StoreError>;
+
+    /// Pending deliveries due at `now`, soonest first.
+    async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<api::Delivery>, StoreError>;
+
+    /// Replaces a delivery (after an attempt).
+    async fn put_delivery(&self, delivery: &api::Delivery) -> Result<(), StoreError>;
+
+    /// A webhook's deliveries, newest first (by id).
+    async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<api::Delivery>, StoreError>;
+
+    /// How many sessions each tenant has that no one ended (a timed-out session counts until
+    /// the sweeper marks it expired), for the metrics; `None` where the store cannot count
+    /// without scanning its keyspace (Redis).
+    async fn active_sessions(
+        &self,
+        _now: Timestamp,
+    ) -> Result<Option<Vec<(TenantId, u64)>>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// Which events to read.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Only this user's.
+    pub user_id: Option<UserId>,
+    /// Only this session's.
+    pub handle: Option<SessionHandle>,
+    /// Only this type.
+    pub event_type: Option<String>,
+    /// Only at or after.
+    pub since: Option<Timestamp>,
+    /// Only before.
+    pub until: Option<Timestamp>,
+    /// Only with an id below this (the cursor).
+    pub before_id: Option<String>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+impl EventQuery {
+    /// Whether an event passes the filters (for backends that filter after reading).
+    pub fn matches(&self, e: &api::Event) -> bool {
+        let at = Timestamp::from_datetime(e.time);
+        self.user_id
+            .as_ref()
+            .is_none_or(|u| e.user_id.as_deref() == Some(u.as_str()))
+            && self
+                .handle
+                .as_ref()
+                .is_none_or(|h| e.handle.as_deref() == Some(h.as_str()))
+            && self.event_type.as_ref().is_none_or(|t| &e.event_type == t)
+            && self.since.is_none_or(|s| at >= s)
+            && self.until.is_none_or(|u| at < u)
+            && self
+                .before_id
+                .as_ref()
+                .is_none_or(|b| e.id.as_str() < b.as_str())
+    }
+}
+
+/// Which deliveries to read.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    /// The webhook.
+    pub webhook: String,
+    /// Only in this state.
+    pub state: Option<api::DeliveryState>,
+    /// Only with an id below this (the cursor).
+    pub before_id: Option<String>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+impl DeliveryQuery {
+    /// Whether a delivery passes the filters.
+    pub fn matches(&self, d: &api::Delivery) -> bool {
+        d.webhook == self.webhook
+            && self.state.is_none_or(|s| d.state == s)
+            && self
+                .before_id
+                .as_ref()
+                .is_none_or(|b| d.id.as_str() < b.as_str())
+    }
 }

@@ -2,6 +2,7 @@
 //! variables, then command-line flags. Unknown keys are refused, and the whole configuration is
 //! validated once at start-up with a message that names the bad key.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -77,6 +78,131 @@ pub struct Config {
     pub default_policy: PolicyDocument,
     /// Token mode: the keyring of access-token signing keys.
     pub jwt: JwtConfig,
+    /// The audit log (`[events]`).
+    pub events: EventsConfig,
+    /// Webhook delivery, and endpoints fixed by the configuration (`[webhooks]`).
+    pub webhooks: WebhooksConfig,
+}
+
+/// The audit log's settings (`[events]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Days events (and known devices, finished webhook deliveries) are kept.
+    pub retention_days: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self { retention_days: 90 }
+    }
+}
+
+/// Webhook settings (`[webhooks]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Milliseconds between two polls of the dispatcher (and reloads of the endpoints).
+    pub poll_interval_ms: u64,
+    /// Attempts before a delivery is dead-lettered.
+    pub max_attempts: u32,
+    /// Milliseconds to wait after the first failed attempt; doubles after each failure
+    /// (with jitter), at most an hour.
+    pub retry_base_ms: u64,
+    /// Milliseconds one attempt may take.
+    pub timeout_ms: u64,
+    /// Endpoints by name (`[webhooks.endpoints.NAME]`); read-only through the API.
+    pub endpoints: BTreeMap<String, WebhookEndpointConfig>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 1000,
+            max_attempts: 8,
+            retry_base_ms: 5000,
+            timeout_ms: 10_000,
+            endpoints: BTreeMap::new(),
+        }
+    }
+}
+
+/// A webhook endpoint of the configuration file.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpointConfig {
+    /// Where events are POSTed.
+    pub url: String,
+    /// Event types or patterns (`session.revoked`, `security.*`, `*`).
+    pub events: Vec<String>,
+    /// The signing secret `whsec_<base64>` (prefer `secret_file`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// A file holding the signing secret.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for WebhookEndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookEndpointConfig")
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_file", &self.secret_file)
+            .finish()
+    }
+}
+
+impl WebhooksConfig {
+    /// The configured endpoints with their secrets read; the message names the key.
+    pub fn endpoints(&self) -> Result<BTreeMap<String, crate::webhooks::Endpoint>, ConfigError> {
+        let mut out = BTreeMap::new();
+        for (name, e) in &self.endpoints {
+            let secret = match (&e.secret, &e.secret_file) {
+                (Some(s), None) => s.clone(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|err| {
+                        ConfigError(format!(
+                            "webhooks.endpoints.{name}.secret_file: cannot read {}: {err}",
+                            f.display()
+                        ))
+                    })?
+                    .trim()
+                    .to_owned(),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "webhooks.endpoints.{name}: set exactly one of secret and secret_file"
+                    )));
+                }
+            };
+            let endpoint = crate::webhooks::Endpoint {
+                url: e.url.clone(),
+                events: e.events.clone(),
+                secret,
+            };
+            if !crate::webhooks::valid_name(name) {
+                return Err(ConfigError(format!(
+                    "webhooks.endpoints.{name}: a name is 1 to 64 of a-z, 0-9, '_' and '-'"
+                )));
+            }
+            endpoint
+                .validate()
+                .map_err(|m| ConfigError(format!("webhooks.endpoints.{name}.{m}")))?;
+            out.insert(name.clone(), endpoint);
+        }
+        Ok(out)
+    }
+
+    /// The dispatcher's settings.
+    pub fn options(&self) -> crate::webhooks::WebhookOptions {
+        crate::webhooks::WebhookOptions {
+            poll_interval: std::time::Duration::from_millis(self.poll_interval_ms),
+            max_attempts: self.max_attempts,
+            retry_base: std::time::Duration::from_millis(self.retry_base_ms),
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+        }
+    }
 }
 
 /// Token mode's keyring settings (`[jwt]`).
@@ -175,6 +301,8 @@ impl std::fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("default_policy", &self.default_policy)
             .field("jwt", &self.jwt)
+            .field("events", &self.events)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }
@@ -204,6 +332,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             default_policy: PolicyDocument::default(),
             jwt: JwtConfig::default(),
+            events: EventsConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -316,6 +446,23 @@ impl Config {
         if let Err(e) = Policy::new(self.default_policy.clone()) {
             return bad(format!("default_policy: {e}"));
         }
+        if !(1..=3650).contains(&self.events.retention_days) {
+            return bad("events.retention_days: between 1 and 3650".into());
+        }
+        let w = &self.webhooks;
+        if !(10..=60_000).contains(&w.poll_interval_ms) {
+            return bad("webhooks.poll_interval_ms: between 10 and 60000".into());
+        }
+        if !(1..=50).contains(&w.max_attempts) {
+            return bad("webhooks.max_attempts: between 1 and 50".into());
+        }
+        if !(10..=3_600_000).contains(&w.retry_base_ms) {
+            return bad("webhooks.retry_base_ms: between 10 and 3600000".into());
+        }
+        if !(100..=120_000).contains(&w.timeout_ms) {
+            return bad("webhooks.timeout_ms: between 100 and 120000".into());
+        }
+        w.endpoints()?;
         Ok(())
     }
 

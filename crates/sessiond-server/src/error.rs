@@ -36,6 +36,9 @@ pub enum ApiError {
     /// The server is at its cap of requests in progress.
     #[error("the server is at its limit of requests in progress; retry shortly")]
     Overloaded,
+    /// The request conflicts with the resource's state.
+    #[error("{0}")]
+    Conflict(String),
     /// The request ran past the request timeout.
     #[error("the request did not finish within the server's request timeout")]
     RequestTimeout,
@@ -108,6 +111,7 @@ impl IntoResponse for ApiError {
                 detail,
             ),
             ApiError::NotFound => (S::NOT_FOUND, codes::NOT_FOUND, detail),
+            ApiError::Conflict(_) => (S::CONFLICT, codes::CONFLICT, detail),
             ApiError::MethodNotAllowed => {
                 (S::METHOD_NOT_ALLOWED, codes::METHOD_NOT_ALLOWED, detail)
             }

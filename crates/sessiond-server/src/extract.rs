@@ -5,10 +5,12 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
+use sessiond_core::events::Audit;
+use sessiond_core::service::SessionService;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -44,9 +46,10 @@ impl<T: DeserializeOwned> FromRequest<AppState> for StrictJson<T> {
     }
 }
 
-/// The configured API keys, kept as SHA-256 digests.
+/// The configured API keys, kept as SHA-256 digests, each with the public fingerprint that
+/// names it as the actor of events (`api_key:<8 hex digits>`).
 #[derive(Clone)]
-pub struct ApiKeys(Arc<Vec<[u8; 32]>>);
+pub struct ApiKeys(Arc<Vec<([u8; 32], Arc<str>)>>);
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,36 +62,67 @@ impl ApiKeys {
     pub fn new<'a>(keys: impl IntoIterator<Item = &'a str>) -> Self {
         Self(Arc::new(
             keys.into_iter()
-                .map(|k| Sha256::digest(k.as_bytes()).into())
+                .map(|k| (Sha256::digest(k.as_bytes()).into(), Self::fingerprint(k)))
                 .collect(),
         ))
+    }
+
+    /// `api_key:` and 8 hex digits of a domain-separated digest of the key: names the key in
+    /// events without revealing anything usable about it.
+    pub fn fingerprint(key: &str) -> Arc<str> {
+        let d = Sha256::new()
+            .chain_update(b"sessiond api key fingerprint\n")
+            .chain_update(key.as_bytes())
+            .finalize();
+        format!("api_key:{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3]).into()
     }
 
     /// Whether `presented` is one of the keys. Constant time in the key's content: every
     /// configured digest is compared, with no early exit.
     pub fn check(&self, presented: &str) -> bool {
+        self.identify(presented).is_some()
+    }
+
+    /// The fingerprint of the key `presented` is, if it is one. Every configured digest is
+    /// compared, with no early exit.
+    pub fn identify(&self, presented: &str) -> Option<Arc<str>> {
         let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let mut ok = subtle::Choice::from(0);
-        for k in self.0.iter() {
-            ok |= k.ct_eq(&d);
+        let mut found = None;
+        for (k, fp) in self.0.iter() {
+            if bool::from(k.ct_eq(&d)) {
+                found = Some(fp.clone());
+            }
         }
-        ok.into()
+        found
     }
 }
 
-/// Proof that the request carried a valid API key. A handler that takes it cannot run without.
-#[derive(Debug, Clone, Copy)]
-pub struct Admin(());
+/// Proof that the request carried a valid API key, with the context its changes are recorded
+/// under (the key's fingerprint as actor, the request id). A handler that takes it cannot run
+/// without. A missing or wrong key is answered `401` and recorded as `auth.failed`.
+#[derive(Debug, Clone)]
+pub struct Admin(Audit);
 
-impl<S> FromRequestParts<S> for Admin
-where
-    S: Send + Sync,
-    ApiKeys: FromRef<S>,
-{
+impl Admin {
+    /// The context of the request's changes.
+    pub fn audit(&self) -> &Audit {
+        &self.0
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let keys = ApiKeys::from_ref(state);
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map(Arc::<str>::from);
         let presented = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -97,13 +131,74 @@ where
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
-            .map(str::trim)
-            .ok_or(ApiError::Unauthorized)?;
-        if keys.check(presented) {
-            Ok(Admin(()))
-        } else {
-            Err(ApiError::Unauthorized)
+            .map(str::trim);
+        let reason = match presented {
+            None => "missing_api_key",
+            Some(p) => match state.keys.identify(p) {
+                Some(actor) => {
+                    let mut audit = Audit::new(&actor);
+                    audit.request_id = request_id;
+                    return Ok(Admin(audit));
+                }
+                None => "invalid_api_key",
+            },
+        };
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map_or("unmatched", |p| p.as_str())
+            .to_owned();
+        state
+            .auth_failures
+            .record(&state.service, reason, request_id.as_deref(), &route);
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// Records `auth.failed` events, at most [`AuthFailures::PER_SECOND`] per second per node so
+/// that a flood of bad keys cannot turn into a flood of writes (the rest are only counted in
+/// the log of the next recorded one).
+#[derive(Debug, Default)]
+pub struct AuthFailures {
+    window: std::sync::atomic::AtomicI64,
+    count: std::sync::atomic::AtomicU32,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl AuthFailures {
+    /// Most events recorded per second.
+    pub const PER_SECOND: u32 = 20;
+
+    fn record(
+        &self,
+        service: &Arc<SessionService>,
+        reason: &'static str,
+        request_id: Option<&str>,
+        route: &str,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = service.now();
+        let second = now.as_millis() / 1000;
+        if self.window.swap(second, Relaxed) != second {
+            self.count.store(0, Relaxed);
         }
+        if self.count.fetch_add(1, Relaxed) >= Self::PER_SECOND {
+            self.dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        let mut event = crate::webhooks::auth_failed(now, reason, request_id, route);
+        let dropped = self.dropped.swap(0, Relaxed);
+        if dropped > 0 {
+            event
+                .details
+                .insert("not_recorded_before".into(), dropped.into());
+        }
+        let service = service.clone();
+        tokio::spawn(async move {
+            if let Err(e) = service.record(vec![event]).await {
+                tracing::warn!(error = %e, "cannot record auth.failed");
+            }
+        });
     }
 }
 

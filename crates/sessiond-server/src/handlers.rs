@@ -5,9 +5,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use sessiond_api::{
-    Cookie, CreateSessionRequest, ForceLogoutResponse, JwkSet, LogoutResponse, PatchSessionRequest,
-    PolicyDocument, Problem, ReauthenticateRequest, RefreshRequest, SessionList, SessionResponse,
-    SessionWithToken, TokenPair, TokenRequest, VerifyRequest,
+    Cookie, CreateSessionRequest, DeliveryList, DeliveryState, EventList, EventQueryParams,
+    ForceLogoutResponse, JwkSet, LogoutResponse, PatchSessionRequest, PolicyDocument, Problem,
+    ReauthenticateRequest, RefreshRequest, SessionList, SessionResponse, SessionWithToken,
+    TokenPair, TokenRequest, VerifyRequest, Webhook, WebhookInput, WebhookList,
 };
 use sessiond_core::service::{Issued, StatusFilter};
 use utoipa::{IntoParams, ToSchema};
@@ -53,11 +54,11 @@ fn with_token(i: Issued) -> SessionWithToken {
     security(("api_key" = [])),
 )]
 pub async fn create(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     StrictJson(req): StrictJson<CreateSessionRequest>,
 ) -> Result<(StatusCode, Json<SessionWithToken>), ApiError> {
-    let issued = s.service.create(&req).await?;
+    let issued = s.service.create(&req, admin.audit()).await?;
     Ok((StatusCode::CREATED, Json(with_token(issued))))
 }
 
@@ -120,11 +121,11 @@ pub async fn verify(
     security(("api_key" = [])),
 )]
 pub async fn refresh(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     StrictJson(req): StrictJson<RefreshRequest>,
 ) -> ApiResult<TokenPair> {
-    let r = s.service.refresh(&req.refresh_token).await?;
+    let r = s.service.refresh(&req.refresh_token, admin.audit()).await?;
     Ok(Json(TokenPair {
         session: r.session,
         access_token: r.access_token,
@@ -148,6 +149,7 @@ pub async fn metrics(
     _: Admin,
     State(s): State<AppState>,
 ) -> ([(axum::http::HeaderName, &'static str); 2], String) {
+    s.metrics.count_active(&s.service).await;
     (
         [
             (
@@ -199,11 +201,13 @@ pub async fn jwks(
     security(("api_key" = [])),
 )]
 pub async fn rotate(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     StrictJson(req): StrictJson<TokenRequest>,
 ) -> ApiResult<SessionWithToken> {
-    Ok(Json(with_token(s.service.rotate(&req.token).await?)))
+    Ok(Json(with_token(
+        s.service.rotate(&req.token, admin.audit()).await?,
+    )))
 }
 
 /// `POST /v1/sessions/reauthenticate`
@@ -225,12 +229,14 @@ pub async fn rotate(
     security(("api_key" = [])),
 )]
 pub async fn reauthenticate(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     StrictJson(req): StrictJson<ReauthenticateRequest>,
 ) -> ApiResult<SessionWithToken> {
     Ok(Json(with_token(
-        s.service.reauthenticate(&req.token, &req.auth).await?,
+        s.service
+            .reauthenticate(&req.token, &req.auth, admin.audit())
+            .await?,
     )))
 }
 
@@ -253,11 +259,11 @@ pub async fn reauthenticate(
     security(("api_key" = [])),
 )]
 pub async fn logout(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     StrictJson(req): StrictJson<TokenRequest>,
 ) -> ApiResult<LogoutResponse> {
-    let (session, clear_cookie) = s.service.logout(&req.token).await?;
+    let (session, clear_cookie) = s.service.logout(&req.token, admin.audit()).await?;
     Ok(Json(LogoutResponse {
         session,
         clear_cookie,
@@ -349,13 +355,16 @@ pub struct RevokeParams {
     security(("api_key" = [])),
 )]
 pub async fn revoke_session(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     Path(handle): Path<String>,
     StrictQuery(q): StrictQuery<RevokeParams>,
 ) -> ApiResult<SessionResponse> {
     Ok(Json(SessionResponse {
-        session: s.service.revoke(&handle, q.reason.as_deref()).await?,
+        session: s
+            .service
+            .revoke(&handle, q.reason.as_deref(), admin.audit())
+            .await?,
     }))
 }
 
@@ -456,14 +465,19 @@ pub struct ForceLogoutParams {
     security(("api_key" = [])),
 )]
 pub async fn force_logout(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     Path(user_id): Path<String>,
     StrictQuery(q): StrictQuery<ForceLogoutParams>,
 ) -> ApiResult<ForceLogoutResponse> {
     let revoked = s
         .service
-        .force_logout(&user_id, q.tenant.as_deref(), q.except.as_deref())
+        .force_logout(
+            &user_id,
+            q.tenant.as_deref(),
+            q.except.as_deref(),
+            admin.audit(),
+        )
         .await?;
     Ok(Json(ForceLogoutResponse { revoked }))
 }
@@ -510,7 +524,7 @@ pub async fn get_policy(
     security(("api_key" = [])),
 )]
 pub async fn put_policy(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     Path(tenant): Path<String>,
     StrictJson(doc): StrictJson<serde_json::Map<String, serde_json::Value>>,
@@ -520,7 +534,216 @@ pub async fn put_policy(
         serde_json::from_value(serde_json::Value::Object(doc)).map_err(|e| {
             sessiond_core::CoreError::InvalidPolicy(crate::extract::describe_json_error(&e))
         })?;
-    Ok(Json(s.service.put_policy(&tenant, doc).await?))
+    Ok(Json(
+        s.service.put_policy(&tenant, doc, admin.audit()).await?,
+    ))
+}
+
+const PROBLEM_401: &str = "`unauthorized`: the API key is missing or wrong.";
+
+/// `GET /v1/events`
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    params(EventQueryParams),
+    responses(
+        (status = 200, description = "A page of events, newest first.", body = EventList),
+        (status = 400, description = "`invalid_request`: an unknown or invalid query parameter.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = PROBLEM_401, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached; `overloaded`, `request_timeout`.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn list_events(
+    _: Admin,
+    State(s): State<AppState>,
+    StrictQuery(q): StrictQuery<EventQueryParams>,
+) -> ApiResult<EventList> {
+    Ok(Json(s.service.events(&q).await?))
+}
+
+/// Query of `GET /v1/users/{user_id}/events`: that of `GET /v1/events` without `user_id`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UserEventParams {
+    /// Only this session's events.
+    handle: Option<String>,
+    /// Only this type, for example `session.revoked`.
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    event_type: Option<String>,
+    /// Only at or after this time (RFC 3339).
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only before this time (RFC 3339).
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Page size, 1 to 500 (default 50).
+    limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// `GET /v1/users/{user_id}/events`
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/events",
+    tag = "events",
+    params(("user_id" = String, Path, min_length = 1, description = "The user's id."), UserEventParams),
+    responses(
+        (status = 200, description = "A page of the user's events, newest first.", body = EventList),
+        (status = 400, description = "`invalid_request`: an unknown or invalid query parameter.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = PROBLEM_401, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached; `overloaded`, `request_timeout`.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn list_user_events(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(user_id): Path<String>,
+    StrictQuery(q): StrictQuery<UserEventParams>,
+) -> ApiResult<EventList> {
+    let q = EventQueryParams {
+        user_id: Some(user_id),
+        handle: q.handle,
+        event_type: q.event_type,
+        since: q.since,
+        until: q.until,
+        limit: q.limit,
+        cursor: q.cursor,
+    };
+    Ok(Json(s.service.events(&q).await?))
+}
+
+/// `GET /v1/webhooks`
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks",
+    tag = "webhooks",
+    responses(
+        (status = 200, description = "Every webhook endpoint (secrets are never returned).", body = WebhookList),
+        (status = 401, description = PROBLEM_401, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn list_webhooks(_: Admin, State(s): State<AppState>) -> ApiResult<WebhookList> {
+    Ok(Json(s.webhooks.list().await?))
+}
+
+/// `GET /v1/webhooks/{name}`
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{name}",
+    tag = "webhooks",
+    params(("name" = String, Path, pattern = "^[a-z0-9_-]{1,64}$", description = "The webhook's name.")),
+    responses(
+        (status = 200, description = "The endpoint (without its secret).", body = Webhook),
+        (status = 401, description = PROBLEM_401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no such webhook.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn get_webhook(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Webhook> {
+    Ok(Json(s.webhooks.get(&name).await?))
+}
+
+/// `PUT /v1/webhooks/{name}`
+#[utoipa::path(
+    put,
+    path = "/v1/webhooks/{name}",
+    tag = "webhooks",
+    params(("name" = String, Path, pattern = "^[a-z0-9_-]{1,64}$", description = "The webhook's name.")),
+    request_body(content = WebhookInput, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The endpoint as stored; events from now on are delivered to it.", body = Webhook),
+        (status = 400, description = "`invalid_request`: a bad name, URL (https, or http to loopback only), event pattern or secret (`whsec_` + base64 of 24 to 64 bytes).", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = PROBLEM_401, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`conflict`: the webhook comes from the configuration file.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn put_webhook(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    StrictJson(input): StrictJson<WebhookInput>,
+) -> ApiResult<Webhook> {
+    Ok(Json(s.webhooks.put(&name, input).await?))
+}
+
+/// `DELETE /v1/webhooks/{name}`
+#[utoipa::path(
+    delete,
+    path = "/v1/webhooks/{name}",
+    tag = "webhooks",
+    params(("name" = String, Path, pattern = "^[a-z0-9_-]{1,64}$", description = "The webhook's name.")),
+    responses(
+        (status = 204, description = "Deleted; its pending deliveries are dead-lettered when next due."),
+        (status = 401, description = PROBLEM_401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no such webhook.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`conflict`: the webhook comes from the configuration file.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn delete_webhook(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.webhooks.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query of `GET /v1/webhooks/{name}/deliveries`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeliveryParams {
+    /// Only in this state: `pending`, `delivered` or `dead`.
+    #[param(inline)]
+    state: Option<DeliveryState>,
+    /// Page size, 1 to 500 (default 50).
+    limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// `GET /v1/webhooks/{name}/deliveries`
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{name}/deliveries",
+    tag = "webhooks",
+    params(("name" = String, Path, pattern = "^[a-z0-9_-]{1,64}$", description = "The webhook's name."), DeliveryParams),
+    responses(
+        (status = 200, description = "A page of the webhook's deliveries, newest first (`state=dead`: the dead letters).", body = DeliveryList),
+        (status = 400, description = "`invalid_request`: an unknown or invalid query parameter.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = PROBLEM_401, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn list_deliveries(
+    _: Admin,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    StrictQuery(q): StrictQuery<DeliveryParams>,
+) -> ApiResult<DeliveryList> {
+    Ok(Json(
+        s.webhooks
+            .deliveries(&name, q.state, q.cursor.as_deref(), q.limit)
+            .await?,
+    ))
 }
 
 /// The body of `/healthz` and `/readyz`.

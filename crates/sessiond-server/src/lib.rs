@@ -15,6 +15,7 @@ pub mod handlers;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -60,6 +61,10 @@ pub struct AppState {
     pub limits: limits::Limits,
     /// The server's metrics.
     pub metrics: Arc<metrics::Metrics>,
+    /// Webhook endpoints and their dispatcher.
+    pub webhooks: Arc<webhooks::Webhooks>,
+    /// The limiter of `auth.failed` events.
+    pub auth_failures: Arc<extract::AuthFailures>,
 }
 
 impl FromRef<AppState> for ApiKeys {
@@ -124,6 +129,22 @@ pub fn router(state: AppState) -> Router {
             get(handlers::get_policy).put(handlers::put_policy),
         )
         .route("/v1/tokens/refresh", post(handlers::refresh))
+        .route("/v1/events", get(handlers::list_events))
+        .route(
+            "/v1/users/{user_id}/events",
+            get(handlers::list_user_events),
+        )
+        .route("/v1/webhooks", get(handlers::list_webhooks))
+        .route(
+            "/v1/webhooks/{name}",
+            get(handlers::get_webhook)
+                .put(handlers::put_webhook)
+                .delete(handlers::delete_webhook),
+        )
+        .route(
+            "/v1/webhooks/{name}/deliveries",
+            get(handlers::list_deliveries),
+        )
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
@@ -354,8 +375,22 @@ impl Server {
             },
         )
         .with_keys(jwt_keys);
+        let service = Arc::new(service);
+        let webhooks = webhooks::Webhooks::new(
+            service.clone(),
+            store.clone(),
+            config.webhooks.endpoints()?,
+            config.webhooks.options(),
+            metrics.clone(),
+        )
+        .map_err(ConfigError)?;
+        if let Err(e) = webhooks.reload().await {
+            tracing::warn!(error = %e, "webhooks will load when the store answers");
+        }
         let state = AppState {
-            service: Arc::new(service),
+            service,
+            webhooks: Arc::new(webhooks),
+            auth_failures: Arc::new(extract::AuthFailures::default()),
             keys: ApiKeys::new(keys.iter().map(String::as_str)),
             max_body_bytes: config.max_body_bytes,
             limits: limits::Limits {
@@ -387,7 +422,10 @@ impl Server {
             self.state.service.clone(),
             self.config.sweep_interval_s,
             self.config.retention_s,
+            self.config.events.retention_days.saturating_mul(86_400),
         ));
+        let dispatcher = tokio::spawn(self.state.webhooks.clone().run());
+
         let reloader = tokio::spawn(keyring_loop(
             self.state.service.clone(),
             self.config.jwt.reload_interval_s,
@@ -419,6 +457,7 @@ impl Server {
         }
         sweeper.abort();
         reloader.abort();
+        dispatcher.abort();
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "final flush failed");
         }
@@ -446,11 +485,21 @@ async fn keyring_loop(service: Arc<SessionService>, interval_s: u64) {
 /// Most sweeps run back to back in one tick of the sweep interval.
 const MAX_SWEEPS_PER_TICK: usize = 100;
 
-async fn sweep_loop(service: Arc<SessionService>, interval_s: u64, retention_s: u64) {
+async fn sweep_loop(
+    service: Arc<SessionService>,
+    interval_s: u64,
+    retention_s: u64,
+    event_retention_s: u64,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(interval_s));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        match service.purge_events(event_retention_s).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "old events purged"),
+            Err(e) => tracing::warn!(error = %e, "purging old events failed"),
+        }
         // Stores sweep in bounded chunks: repeat while there is work, so a backlog clears
         // without waiting for the next tick (bounded, so a tick always ends).
         for _ in 0..MAX_SWEEPS_PER_TICK {

@@ -16,15 +16,17 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde_json::{Map, Value};
-use sessiond_core::events::{Event, EventSink};
+use sessiond_core::api;
+use sessiond_core::events::{Audit, Event, EventSink};
 use sessiond_core::policy::Policy;
 use sessiond_core::session::{SessionRecord, StoredSession};
 use sessiond_core::store::{
-    DataUpdate, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome, SessionStore,
-    StoreError, SweepReport,
+    DataUpdate, DeliveryQuery, EventQuery, InsertOutcome, ListQuery, Rekey, RevokeOutcome,
+    RotateOutcome, SessionStore, StoreError, SweepReport,
 };
 use sessiond_core::time::Timestamp;
 use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
@@ -57,6 +59,17 @@ struct EventLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    webhook: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     operation: &'static str,
 }
@@ -77,7 +90,16 @@ pub struct Metrics {
     events: Family<EventLabels, Counter>,
     store_seconds: HistogramFamily<OperationLabels>,
     store_errors: Family<OperationLabels, Counter>,
+    deliveries: Family<DeliveryLabels, Counter>,
+    outbox: Gauge,
+    due: Gauge,
+    active: Family<TenantLabels, Gauge>,
+    known_tenants: parking_lot::Mutex<std::collections::HashSet<String>>,
+    counted_at: std::sync::atomic::AtomicI64,
 }
+
+/// Shortest time between two counts of the active sessions, in milliseconds.
+pub const COUNT_INTERVAL_MS: i64 = 5_000;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,6 +155,32 @@ impl Metrics {
             "Failed operations of a shared store (PostgreSQL, Redis), by operation",
             store_errors.clone(),
         );
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        let outbox = Gauge::default();
+        let due = Gauge::default();
+        let active = Family::<TenantLabels, Gauge>::default();
+        registry.register(
+            "active_sessions",
+            "Sessions not ended, per tenant (on PostgreSQL, timed-out ones count until swept), \
+             counted at most every 5 s on scrape; absent on Redis",
+            active.clone(),
+        );
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by webhook and outcome (delivered, failed, dead)",
+            deliveries.clone(),
+        );
+        registry.register(
+            "webhook_outbox_events",
+            "Events waiting to be fanned out to webhooks, at the dispatcher's last poll (capped \
+             at its batch size)",
+            outbox.clone(),
+        );
+        registry.register(
+            "webhook_due_deliveries",
+            "Deliveries due for an attempt at the dispatcher's last poll (capped at its batch size)",
+            due.clone(),
+        );
         Self {
             registry,
             requests,
@@ -141,6 +189,12 @@ impl Metrics {
             events,
             store_seconds,
             store_errors,
+            deliveries,
+            outbox,
+            due,
+            active,
+            known_tenants: parking_lot::Mutex::default(),
+            counted_at: std::sync::atomic::AtomicI64::new(i64::MIN / 2),
         }
     }
 
@@ -159,6 +213,72 @@ impl Metrics {
         self.verifies
             .get_or_create(&VerifyLabels { token, outcome })
             .inc();
+    }
+
+    /// Counts a webhook delivery attempt (`delivered`, `failed` or `dead`).
+    pub fn webhook_attempt(&self, webhook: &str, outcome: &'static str) {
+        self.deliveries
+            .get_or_create(&DeliveryLabels {
+                webhook: webhook.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Sets the dispatcher's queue gauges.
+    pub fn webhook_queue(&self, outbox: usize, due: usize) {
+        self.outbox.set(i64::try_from(outbox).unwrap_or(i64::MAX));
+        self.due.set(i64::try_from(due).unwrap_or(i64::MAX));
+    }
+
+    /// Refreshes the active-sessions gauge from the store, at most once per
+    /// [`COUNT_INTERVAL_MS`] (called on scrape; a failure keeps the last figures).
+    pub async fn count_active(&self, service: &sessiond_core::service::SessionService) {
+        let now = service.now().as_millis();
+        let last = self.counted_at.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) < COUNT_INTERVAL_MS
+            || self
+                .counted_at
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        match service.store().active_sessions(service.now()).await {
+            Ok(Some(counts)) => self.active_sessions(&counts),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "counting active sessions failed"),
+        }
+    }
+
+    /// Sets the active-sessions gauge; tenants no longer counted drop to 0.
+    fn active_sessions(&self, counts: &[(TenantId, u64)]) {
+        let mut seen = std::collections::HashSet::new();
+        for (t, n) in counts {
+            seen.insert(t.as_str().to_owned());
+            self.active
+                .get_or_create(&TenantLabels {
+                    tenant: t.as_str().to_owned(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        let known: Vec<String> = self
+            .known_tenants
+            .lock()
+            .drain()
+            .filter(|t| !seen.contains(t))
+            .collect();
+        for t in known {
+            self.active
+                .get_or_create(&TenantLabels { tenant: t })
+                .set(0);
+        }
+        *self.known_tenants.lock() = seen;
     }
 
     fn store_op(&self, operation: &'static str, started: Instant, failed: bool) {
@@ -257,8 +377,9 @@ impl SessionStore for TimedStore {
         &self,
         record: SessionRecord,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<InsertOutcome, StoreError> {
-        timed!(self, "insert", self.inner.insert(record, now))
+        timed!(self, "insert", self.inner.insert(record, now, audit))
     }
 
     async fn find_by_token(&self, hash: &TokenHash) -> Result<Option<StoredSession>, StoreError> {
@@ -297,8 +418,13 @@ impl SessionStore for TimedStore {
         handle: &SessionHandle,
         change: &Rekey,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<RotateOutcome, StoreError> {
-        timed!(self, "rotate", self.inner.rotate(handle, change, now))
+        timed!(
+            self,
+            "rotate",
+            self.inner.rotate(handle, change, now, audit)
+        )
     }
 
     async fn revoke(
@@ -306,8 +432,13 @@ impl SessionStore for TimedStore {
         handle: &SessionHandle,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Option<RevokeOutcome>, StoreError> {
-        timed!(self, "revoke", self.inner.revoke(handle, reason, now))
+        timed!(
+            self,
+            "revoke",
+            self.inner.revoke(handle, reason, now, audit)
+        )
     }
 
     async fn revoke_user(
@@ -317,11 +448,13 @@ impl SessionStore for TimedStore {
         except: Option<&SessionHandle>,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Vec<SessionHandle>, StoreError> {
         timed!(
             self,
             "revoke_user",
-            self.inner.revoke_user(user_id, tenant, except, reason, now)
+            self.inner
+                .revoke_user(user_id, tenant, except, reason, now, audit)
         )
     }
 
@@ -351,12 +484,27 @@ impl SessionStore for TimedStore {
         timed!(self, "policy", self.inner.policy(tenant))
     }
 
-    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError> {
-        timed!(self, "put_policy", self.inner.put_policy(tenant, policy))
+    async fn put_policy(
+        &self,
+        tenant: &TenantId,
+        policy: Policy,
+        now: Timestamp,
+        audit: &Audit,
+    ) -> Result<(), StoreError> {
+        timed!(
+            self,
+            "put_policy",
+            self.inner.put_policy(tenant, policy, now, audit)
+        )
     }
 
-    async fn sweep(&self, now: Timestamp, retention_s: u64) -> Result<SweepReport, StoreError> {
-        timed!(self, "sweep", self.inner.sweep(now, retention_s))
+    async fn sweep(
+        &self,
+        now: Timestamp,
+        retention_s: u64,
+        audit: &Audit,
+    ) -> Result<SweepReport, StoreError> {
+        timed!(self, "sweep", self.inner.sweep(now, retention_s, audit))
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -367,11 +515,71 @@ impl SessionStore for TimedStore {
         timed!(self, "ping", self.inner.ping())
     }
 
-    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
-        timed!(self, "keyring", self.inner.keyring())
+    async fn document(&self, name: &str) -> Result<Option<(u64, String)>, StoreError> {
+        timed!(self, "document", self.inner.document(name))
     }
 
-    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
-        timed!(self, "put_keyring", self.inner.put_keyring(expected, doc))
+    async fn put_document(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        doc: &str,
+    ) -> Result<bool, StoreError> {
+        timed!(
+            self,
+            "put_document",
+            self.inner.put_document(name, expected, doc)
+        )
+    }
+
+    async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
+        timed!(self, "append_events", self.inner.append_events(events))
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Vec<api::Event>, StoreError> {
+        timed!(self, "events", self.inner.events(query))
+    }
+
+    async fn purge_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+        timed!(self, "purge_events", self.inner.purge_events(before))
+    }
+
+    async fn pending_events(&self, limit: usize) -> Result<Vec<api::Event>, StoreError> {
+        timed!(self, "pending_events", self.inner.pending_events(limit))
+    }
+
+    async fn fan_out(
+        &self,
+        events: &[String],
+        deliveries: &[api::Delivery],
+    ) -> Result<(), StoreError> {
+        timed!(self, "fan_out", self.inner.fan_out(events, deliveries))
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<api::Delivery>, StoreError> {
+        timed!(
+            self,
+            "due_deliveries",
+            self.inner.due_deliveries(now, limit)
+        )
+    }
+
+    async fn put_delivery(&self, delivery: &api::Delivery) -> Result<(), StoreError> {
+        timed!(self, "put_delivery", self.inner.put_delivery(delivery))
+    }
+
+    async fn active_sessions(
+        &self,
+        now: Timestamp,
+    ) -> Result<Option<Vec<(TenantId, u64)>>, StoreError> {
+        timed!(self, "active_sessions", self.inner.active_sessions(now))
+    }
+
+    async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<api::Delivery>, StoreError> {
+        timed!(self, "deliveries", self.inner.deliveries(query))
     }
 }

@@ -24,11 +24,21 @@ struct App {
 
 async fn app() -> App {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         api_key: Some(KEY.to_owned()),
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
+    // A webhook of the configuration, so that `/v1/webhooks/{name}` names one that exists.
+    config.webhooks.endpoints.insert(
+        "openapi".into(),
+        sessiond_server::config::WebhookEndpointConfig {
+            url: "https://example.com/hook".into(),
+            events: vec!["*".into()],
+            secret: Some(format!("whsec_{}", "A".repeat(32))),
+            secret_file: None,
+        },
+    );
     let server = Server::new(config).await.unwrap();
     App {
         router: router(server.state().clone()),
@@ -112,6 +122,7 @@ fn concrete(path: &str, handle: &str) -> String {
     path.replace("{handle}", handle)
         .replace("{user_id}", "openapi-user")
         .replace("{tenant}", "default")
+        .replace("{name}", "openapi")
 }
 
 /// The methods the router serves on `uri`: every method that is not answered `405`.

@@ -9,11 +9,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
-use sessiond_core::api::{OnLimit, PolicyDocument};
+use sessiond_core::api::{self, DeliveryState, OnLimit, PolicyDocument};
+use sessiond_core::events::{Audit, EventKind};
 use sessiond_core::policy::Policy;
 use sessiond_core::session::{AuthRecord, DeviceRecord, SessionRecord, StoredState};
 use sessiond_core::store::{
-    DataUpdate, Expect, InsertOutcome, ListQuery, Rekey, RotateOutcome, SessionStore,
+    DataUpdate, DeliveryQuery, EventQuery, Expect, InsertOutcome, ListQuery, Rekey, RotateOutcome,
+    SessionStore,
 };
 use sessiond_core::time::Timestamp;
 use sessiond_core::token::{SessionHandle, TenantId, TokenFormat, TokenHash, UserId};
@@ -61,6 +63,13 @@ pub fn record(user: &str, tenant: &str, at: Timestamp) -> (SessionRecord, TokenH
     (rec, hash)
 }
 
+/// The context of the cases' operations.
+pub fn audit() -> Audit {
+    let mut a = Audit::new("api_key:test");
+    a.request_id = Some("req-1".into());
+    a
+}
+
 /// A token change expecting `old`.
 fn rekey(old: TokenHash, new: TokenHash, auth: Option<AuthRecord>) -> Rekey {
     Rekey {
@@ -68,6 +77,7 @@ fn rekey(old: TokenHash, new: TokenHash, auth: Option<AuthRecord>) -> Rekey {
         token_hash: Some(new),
         refresh: None,
         auth,
+        event: EventKind::SessionRotated,
     }
 }
 
@@ -78,11 +88,12 @@ fn swap(old: &str, new: &str) -> Rekey {
         token_hash: None,
         refresh: Some(new.into()),
         auth: None,
+        event: EventKind::SessionRefreshed,
     }
 }
 
 async fn insert(s: &dyn SessionStore, rec: &SessionRecord, now: Timestamp) -> Vec<SessionHandle> {
-    match s.insert(rec.clone(), now).await.unwrap() {
+    match s.insert(rec.clone(), now, &audit()).await.unwrap() {
         InsertOutcome::Inserted { evicted } => evicted,
         InsertOutcome::LimitReached => panic!("unexpected limit"),
     }
@@ -125,10 +136,18 @@ pub async fn acknowledged_writes_survive_reopen(f: &dyn StoreFactory) {
     let (b, hb) = record("bob", "default", t(0));
     insert(&*s, &a, t(0)).await;
     insert(&*s, &b, t(0)).await;
-    s.revoke(&b.handle, "logout", t(1)).await.unwrap().unwrap();
-    s.put_policy(&tenant("acme"), policy(|d| d.idle_timeout_s = 77))
+    s.revoke(&b.handle, "logout", t(1), &audit())
         .await
+        .unwrap()
         .unwrap();
+    s.put_policy(
+        &tenant("acme"),
+        policy(|d| d.idle_timeout_s = 77),
+        t(0),
+        &audit(),
+    )
+    .await
+    .unwrap();
     let s2 = f.open().await;
     assert_eq!(*s2.find_by_token(&ha).await.unwrap().unwrap().record, a);
     let rb = s2.find_by_token(&hb).await.unwrap().unwrap();
@@ -156,7 +175,12 @@ pub async fn rotate_replaces_the_token(f: &dyn StoreFactory) {
         authenticated_at: t(5),
     };
     let out = s
-        .rotate(&rec.handle, &rekey(old, new, Some(auth.clone())), t(5))
+        .rotate(
+            &rec.handle,
+            &rekey(old, new, Some(auth.clone())),
+            t(5),
+            &audit(),
+        )
         .await
         .unwrap();
     let RotateOutcome::Rotated(r) = out else {
@@ -173,7 +197,7 @@ pub async fn rotate_replaces_the_token(f: &dyn StoreFactory) {
     // A second rotation presenting the old token loses.
     let (_, newer) = TokenFormat::default().generate().unwrap();
     assert!(matches!(
-        s.rotate(&rec.handle, &rekey(old, newer, None), t(6))
+        s.rotate(&rec.handle, &rekey(old, newer, None), t(6), &audit())
             .await
             .unwrap(),
         RotateOutcome::Stale
@@ -197,10 +221,12 @@ pub async fn rotate_refuses_ended_sessions(f: &dyn StoreFactory) {
     let s = f.open().await;
     let (rec, old) = record("dave", "default", t(0));
     insert(&*s, &rec, t(0)).await;
-    s.revoke(&rec.handle, "revoked", t(1)).await.unwrap();
+    s.revoke(&rec.handle, "revoked", t(1), &audit())
+        .await
+        .unwrap();
     let (_, new) = TokenFormat::default().generate().unwrap();
     assert!(matches!(
-        s.rotate(&rec.handle, &rekey(old, new, None), t(2))
+        s.rotate(&rec.handle, &rekey(old, new, None), t(2), &audit())
             .await
             .unwrap(),
         RotateOutcome::Stale
@@ -209,7 +235,7 @@ pub async fn rotate_refuses_ended_sessions(f: &dyn StoreFactory) {
     let (rec, old) = record("dave", "default", t(0));
     insert(&*s, &rec, t(0)).await;
     assert!(matches!(
-        s.rotate(&rec.handle, &rekey(old, new, None), t(1800))
+        s.rotate(&rec.handle, &rekey(old, new, None), t(1800), &audit())
             .await
             .unwrap(),
         RotateOutcome::Stale
@@ -222,7 +248,12 @@ pub async fn refresh_state_swaps_atomically(f: &dyn StoreFactory) {
     rec.refresh = Some(r#"{"g":0}"#.into());
     insert(&*s, &rec, t(0)).await;
     let RotateOutcome::Rotated(r) = s
-        .rotate(&rec.handle, &swap(r#"{"g":0}"#, r#"{"g":1}"#), t(3))
+        .rotate(
+            &rec.handle,
+            &swap(r#"{"g":0}"#, r#"{"g":1}"#),
+            t(3),
+            &audit(),
+        )
         .await
         .unwrap()
     else {
@@ -235,9 +266,14 @@ pub async fn refresh_state_swaps_atomically(f: &dyn StoreFactory) {
     assert_eq!(found.last_seen_at, t(3), "a refresh is a use");
     // The old state no longer matches.
     assert!(matches!(
-        s.rotate(&rec.handle, &swap(r#"{"g":0}"#, r#"{"g":9}"#), t(4))
-            .await
-            .unwrap(),
+        s.rotate(
+            &rec.handle,
+            &swap(r#"{"g":0}"#, r#"{"g":9}"#),
+            t(4),
+            &audit()
+        )
+        .await
+        .unwrap(),
         RotateOutcome::Stale
     ));
     // Racing swaps from the same state: exactly one wins.
@@ -248,7 +284,9 @@ pub async fn refresh_state_swaps_atomically(f: &dyn StoreFactory) {
         tasks.push(tokio::spawn(async move {
             let new = format!(r#"{{"g":2,"n":{i}}}"#);
             matches!(
-                s.rotate(&h, &swap(r#"{"g":1}"#, &new), t(5)).await.unwrap(),
+                s.rotate(&h, &swap(r#"{"g":1}"#, &new), t(5), &audit())
+                    .await
+                    .unwrap(),
                 RotateOutcome::Rotated(_)
             )
         }));
@@ -263,9 +301,11 @@ pub async fn refresh_state_swaps_atomically(f: &dyn StoreFactory) {
     let now = s2.find_by_handle(&rec.handle).await.unwrap().unwrap();
     let text = now.record.refresh.clone().unwrap();
     assert!(text.starts_with(r#"{"g":2"#));
-    s2.revoke(&rec.handle, "revoked", t(6)).await.unwrap();
+    s2.revoke(&rec.handle, "revoked", t(6), &audit())
+        .await
+        .unwrap();
     assert!(matches!(
-        s2.rotate(&rec.handle, &swap(&text, r#"{"g":3}"#), t(7))
+        s2.rotate(&rec.handle, &swap(&text, r#"{"g":3}"#), t(7), &audit())
             .await
             .unwrap(),
         RotateOutcome::Stale
@@ -273,20 +313,33 @@ pub async fn refresh_state_swaps_atomically(f: &dyn StoreFactory) {
     assert!(s2.find_by_token(&hash).await.unwrap().is_some());
 }
 
-pub async fn keyring_is_compare_and_set(f: &dyn StoreFactory) {
+pub async fn documents_are_compare_and_set(f: &dyn StoreFactory) {
     let s = f.open().await;
-    assert_eq!(s.keyring().await.unwrap(), None);
-    assert!(!s.put_keyring(Some(1), "nope").await.unwrap());
-    assert!(s.put_keyring(None, "one").await.unwrap());
+    assert_eq!(s.document("keyring").await.unwrap(), None);
+    assert!(!s.put_document("keyring", Some(1), "nope").await.unwrap());
+    assert!(s.put_document("keyring", None, "one").await.unwrap());
     assert!(
-        !s.put_keyring(None, "other").await.unwrap(),
-        "first start wins"
+        !s.put_document("keyring", None, "other").await.unwrap(),
+        "a second first writer loses"
     );
-    assert_eq!(s.keyring().await.unwrap(), Some((1, "one".to_owned())));
-    assert!(s.put_keyring(Some(1), "two").await.unwrap());
-    assert!(!s.put_keyring(Some(1), "stale").await.unwrap());
+    assert_eq!(
+        s.document("keyring").await.unwrap(),
+        Some((1, "one".to_owned()))
+    );
+    assert!(s.put_document("keyring", Some(1), "two").await.unwrap());
+    assert!(!s.put_document("keyring", Some(1), "stale").await.unwrap());
+    // Names are independent.
+    assert_eq!(s.document("webhooks").await.unwrap(), None);
+    assert!(s.put_document("webhooks", None, "w").await.unwrap());
     let s2 = f.open().await;
-    assert_eq!(s2.keyring().await.unwrap(), Some((2, "two".to_owned())));
+    assert_eq!(
+        s2.document("keyring").await.unwrap(),
+        Some((2, "two".to_owned()))
+    );
+    assert_eq!(
+        s2.document("webhooks").await.unwrap(),
+        Some((1, "w".to_owned()))
+    );
 }
 
 pub async fn revoke_is_idempotent(f: &dyn StoreFactory) {
@@ -294,13 +347,13 @@ pub async fn revoke_is_idempotent(f: &dyn StoreFactory) {
     let (rec, _) = record("erin", "default", t(0));
     insert(&*s, &rec, t(0)).await;
     let first = s
-        .revoke(&rec.handle, "revoked", t(1))
+        .revoke(&rec.handle, "revoked", t(1), &audit())
         .await
         .unwrap()
         .unwrap();
     assert!(first.revoked_now);
     let second = s
-        .revoke(&rec.handle, "logout", t(2))
+        .revoke(&rec.handle, "logout", t(2), &audit())
         .await
         .unwrap()
         .unwrap();
@@ -311,7 +364,7 @@ pub async fn revoke_is_idempotent(f: &dyn StoreFactory) {
     );
     let (unknown, _) = record("erin", "default", t(0));
     assert!(
-        s.revoke(&unknown.handle, "revoked", t(1))
+        s.revoke(&unknown.handle, "revoked", t(1), &audit())
             .await
             .unwrap()
             .is_none()
@@ -326,7 +379,9 @@ pub async fn revoke_user_spares_the_exception_and_other_users(f: &dyn StoreFacto
     for r in mine.iter().chain([&other_tenant, &someone_else]) {
         insert(&*s, r, t(0)).await;
     }
-    s.revoke(&mine[3].handle, "logout", t(1)).await.unwrap();
+    s.revoke(&mine[3].handle, "logout", t(1), &audit())
+        .await
+        .unwrap();
     let revoked = s
         .revoke_user(
             &mine[0].user_id,
@@ -334,6 +389,7 @@ pub async fn revoke_user_spares_the_exception_and_other_users(f: &dyn StoreFacto
             Some(&mine[0].handle),
             "force_logout",
             t(2),
+            &audit(),
         )
         .await
         .unwrap();
@@ -375,7 +431,7 @@ pub async fn revoke_user_spares_the_exception_and_other_users(f: &dyn StoreFacto
     ));
     // Without a tenant: every tenant.
     let all = s
-        .revoke_user(&mine[0].user_id, None, None, "force_logout", t(3))
+        .revoke_user(&mine[0].user_id, None, None, "force_logout", t(3), &audit())
         .await
         .unwrap();
     assert_eq!(all.len(), 2);
@@ -386,6 +442,8 @@ pub async fn limit_evicts_least_recently_used(f: &dyn StoreFactory) {
     s.put_policy(
         &tenant("lim"),
         policy(|d| d.max_sessions_per_user = Some(2)),
+        t(0),
+        &audit(),
     )
     .await
     .unwrap();
@@ -417,6 +475,8 @@ pub async fn limit_deny_refuses(f: &dyn StoreFactory) {
             d.max_sessions_per_user = Some(1);
             d.on_limit = OnLimit::Deny;
         }),
+        t(0),
+        &audit(),
     )
     .await
     .unwrap();
@@ -424,7 +484,7 @@ pub async fn limit_deny_refuses(f: &dyn StoreFactory) {
     insert(&*s, &a, t(0)).await;
     let (b, hb) = record("ivan", "deny", t(1));
     assert_eq!(
-        s.insert(b, t(1)).await.unwrap(),
+        s.insert(b, t(1), &audit()).await.unwrap(),
         InsertOutcome::LimitReached
     );
     assert!(
@@ -444,6 +504,8 @@ pub async fn limit_holds_under_concurrent_creates(f: &dyn StoreFactory) {
             d.max_sessions_per_user = Some(3);
             d.on_limit = OnLimit::Deny;
         }),
+        t(0),
+        &audit(),
     )
     .await
     .unwrap();
@@ -452,7 +514,7 @@ pub async fn limit_holds_under_concurrent_creates(f: &dyn StoreFactory) {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
             let (r, _) = record("judy", "race", t(0));
-            s.insert(r, t(0)).await.unwrap()
+            s.insert(r, t(0), &audit()).await.unwrap()
         }));
     }
     let mut ok = 0;
@@ -477,6 +539,8 @@ pub async fn evict_oldest_holds_under_concurrent_creates(f: &dyn StoreFactory) {
     s.put_policy(
         &tenant("race2"),
         policy(|d| d.max_sessions_per_user = Some(2)),
+        t(0),
+        &audit(),
     )
     .await
     .unwrap();
@@ -485,7 +549,7 @@ pub async fn evict_oldest_holds_under_concurrent_creates(f: &dyn StoreFactory) {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
             let (r, _) = record("kim", "race2", t(i));
-            s.insert(r, t(i)).await.unwrap()
+            s.insert(r, t(i), &audit()).await.unwrap()
         }));
     }
     for task in tasks {
@@ -532,7 +596,9 @@ pub async fn update_data_merges_and_checks(f: &dyn StoreFactory) {
         serde_json::from_str::<Value>(&again.record.data).unwrap(),
         json!({"theme": "dark"})
     );
-    s.revoke(&rec.handle, "logout", t(2)).await.unwrap();
+    s.revoke(&rec.handle, "logout", t(2), &audit())
+        .await
+        .unwrap();
     assert!(matches!(
         s.update_data(&rec.handle, &patch, 1000, t(3))
             .await
@@ -562,7 +628,9 @@ pub async fn list_orders_filters_and_pages(f: &dyn StoreFactory) {
     for (i, r) in recs.iter().enumerate() {
         insert(&*s, r, t(i as i64)).await;
     }
-    s.revoke(&recs[1].handle, "logout", t(10)).await.unwrap();
+    s.revoke(&recs[1].handle, "logout", t(10), &audit())
+        .await
+        .unwrap();
     let user = UserId::parse("liz").unwrap();
     let q = |include_ended, tenant: Option<&str>, after, limit| ListQuery {
         user_id: user.clone(),
@@ -634,7 +702,9 @@ pub async fn policies_default_and_replace(f: &dyn StoreFactory) {
         d.idle_timeout_s = 60;
         d.absolute_timeout_s = 120;
     });
-    s.put_policy(&tenant("fresh"), p.clone()).await.unwrap();
+    s.put_policy(&tenant("fresh"), p.clone(), t(0), &audit())
+        .await
+        .unwrap();
     assert_eq!(*s.policy(&tenant("fresh")).await.unwrap(), p);
     assert_eq!(
         *s.policy(&tenant("other")).await.unwrap(),
@@ -654,7 +724,9 @@ pub async fn find_with_policy_follows_policy_changes(f: &dyn StoreFactory) {
             d.idle_timeout_s = idle;
             d.absolute_timeout_s = 120;
         });
-        s.put_policy(&tenant("pol"), stored.clone()).await.unwrap();
+        s.put_policy(&tenant("pol"), stored.clone(), t(0), &audit())
+            .await
+            .unwrap();
         let (_, p) = s.find_by_token_with_policy(&hash).await.unwrap().unwrap();
         assert_eq!(*p, stored, "every change is seen at the next lookup");
     }
@@ -696,6 +768,8 @@ pub async fn sweep_expires_then_purges(f: &dyn StoreFactory) {
             d.idle_timeout_s = 10;
             d.absolute_timeout_s = 100;
         }),
+        t(0),
+        &audit(),
     )
     .await
     .unwrap();
@@ -708,12 +782,25 @@ pub async fn sweep_expires_then_purges(f: &dyn StoreFactory) {
     let l = s.find_by_token(&hl).await.unwrap().unwrap();
     let p = s.policy(&tenant("short")).await.unwrap();
     s.touch(&l, &p, t(8)).await.unwrap();
-    s.revoke(&revoked.handle, "logout", t(1)).await.unwrap();
-    let report = s.sweep(t(12), 3600).await.unwrap();
+    s.revoke(&revoked.handle, "logout", t(1), &audit())
+        .await
+        .unwrap();
+    let report = s.sweep(t(12), 3600, &audit()).await.unwrap();
     assert_eq!(report.expired.len(), 1);
     assert_eq!(report.expired[0].handle, idle.handle);
     assert_eq!(report.expired[0].at, t(10));
     assert_eq!(report.purged, 0);
+    let expired = s
+        .events(&EventQuery {
+            event_type: Some("session.expired".into()),
+            handle: Some(idle.handle.clone()),
+            limit: 10,
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(expired.len(), 1, "one session.expired with the change");
+    assert_eq!(expired[0].time, t(10).to_datetime());
     assert!(matches!(
         s.find_by_handle(&idle.handle)
             .await
@@ -733,7 +820,7 @@ pub async fn sweep_expires_then_purges(f: &dyn StoreFactory) {
         StoredState::Active
     ));
     // After the retention, ended sessions are purged; the live one (until 18 s) is now expired too.
-    let report = s.sweep(t(12 + 3600), 3600).await.unwrap();
+    let report = s.sweep(t(12 + 3600), 3600, &audit()).await.unwrap();
     assert_eq!(report.expired.len(), 1);
     assert_eq!(report.purged, 2);
     assert!(s.find_by_handle(&idle.handle).await.unwrap().is_none());
@@ -744,6 +831,402 @@ pub async fn sweep_expires_then_purges(f: &dyn StoreFactory) {
         "purge is durable"
     );
     assert!(s2.find_by_handle(&live.handle).await.unwrap().is_some());
+}
+
+async fn user_events(s: &dyn SessionStore, user: &str) -> Vec<api::Event> {
+    let mut evs = s
+        .events(&EventQuery {
+            user_id: Some(UserId::parse(user).unwrap()),
+            limit: 1000,
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap();
+    evs.reverse();
+    evs
+}
+
+fn kinds(evs: &[api::Event]) -> Vec<(String, Option<String>, Option<String>)> {
+    evs.iter()
+        .map(|e| (e.event_type.clone(), e.handle.clone(), e.reason.clone()))
+        .collect()
+}
+
+fn ev(
+    kind: &str,
+    h: &SessionRecord,
+    reason: Option<&str>,
+) -> (String, Option<String>, Option<String>) {
+    (
+        kind.to_owned(),
+        Some(h.handle.as_str().to_owned()),
+        reason.map(str::to_owned),
+    )
+}
+
+pub async fn each_change_records_exactly_its_events(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    s.put_policy(
+        &tenant("default"),
+        policy(|d| {
+            d.max_sessions_per_user = Some(2);
+            d.on_limit = OnLimit::EvictOldest;
+        }),
+        t(0),
+        &audit(),
+    )
+    .await
+    .unwrap();
+    let (a, _) = record("ivy", "default", t(0));
+    let (mut b, _) = record("ivy", "default", t(1));
+    b.device.ip = Some("198.51.100.9".parse().unwrap());
+    b.device.browser = Some("Chrome".into());
+    let (c, ch) = record("ivy", "default", t(2));
+    insert(&*s, &a, t(0)).await;
+    insert(&*s, &b, t(1)).await;
+    assert_eq!(insert(&*s, &c, t(2)).await, vec![a.handle.clone()]);
+    let (_, new) = TokenFormat::default().generate().unwrap();
+    let (_, other) = TokenFormat::default().generate().unwrap();
+    assert!(matches!(
+        s.rotate(&c.handle, &rekey(ch, new, None), t(3), &audit())
+            .await
+            .unwrap(),
+        RotateOutcome::Rotated(_)
+    ));
+    assert!(
+        matches!(
+            s.rotate(&c.handle, &rekey(ch, other, None), t(3), &audit())
+                .await
+                .unwrap(),
+            RotateOutcome::Stale
+        ),
+        "a stale rotation changes nothing and records nothing"
+    );
+    s.revoke(&b.handle, "logout", t(4), &audit()).await.unwrap();
+    s.revoke(&b.handle, "revoked", t(4), &audit())
+        .await
+        .unwrap();
+    let (d, _) = record("ivy", "default", t(5));
+    insert(&*s, &d, t(5)).await;
+    s.revoke_user(
+        &d.user_id,
+        None,
+        Some(&d.handle),
+        "force_logout",
+        t(6),
+        &audit(),
+    )
+    .await
+    .unwrap();
+    let expected = vec![
+        ev("session.created", &a, None),
+        ev("session.created", &b, None),
+        ev("session.revoked", &a, Some("limit_evicted")),
+        ev("session.created", &c, None),
+        ev("session.rotated", &c, None),
+        ev("session.revoked", &b, Some("logout")),
+        ev("session.created", &d, None),
+        ev("session.revoked", &c, Some("force_logout")),
+    ];
+    let evs = user_events(&*s, "ivy").await;
+    assert_eq!(kinds(&evs), expected);
+    // New-device detection: a and b are new; c and d come from a's device again.
+    let new_device: Vec<_> = evs
+        .iter()
+        .filter(|e| e.event_type == "session.created")
+        .map(|e| e.details.get("new_device").cloned())
+        .collect();
+    assert_eq!(
+        new_device,
+        vec![
+            Some(json!(true)),
+            Some(json!(true)),
+            Some(json!(false)),
+            Some(json!(false))
+        ]
+    );
+    let first = &evs[0];
+    assert_eq!(first.user_id.as_deref(), Some("ivy"));
+    assert_eq!(first.tenant, "default");
+    assert_eq!(first.actor.as_deref(), Some("api_key:test"));
+    assert_eq!(first.request_id.as_deref(), Some("req-1"));
+    assert_eq!(first.ip.as_deref(), Some("203.0.113.7"));
+    assert_eq!(first.time, t(0).to_datetime());
+    assert!(
+        first.details["device_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("dev_")
+    );
+    let policy_events = s
+        .events(&EventQuery {
+            event_type: Some("policy.updated".into()),
+            limit: 10,
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(policy_events.len(), 1);
+    assert_eq!(policy_events[0].tenant, "default");
+    // Durable.
+    let s2 = f.open().await;
+    assert_eq!(kinds(&user_events(&*s2, "ivy").await), expected);
+}
+
+pub async fn refused_changes_record_nothing(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    s.put_policy(
+        &tenant("deny"),
+        policy(|d| {
+            d.max_sessions_per_user = Some(1);
+            d.on_limit = OnLimit::Deny;
+        }),
+        t(0),
+        &audit(),
+    )
+    .await
+    .unwrap();
+    let (a, _) = record("jack", "deny", t(0));
+    let (b, _) = record("jack", "deny", t(1));
+    insert(&*s, &a, t(0)).await;
+    assert_eq!(
+        s.insert(b, t(1), &audit()).await.unwrap(),
+        InsertOutcome::LimitReached
+    );
+    let (gone, _) = record("jack", "deny", t(0));
+    assert!(
+        s.revoke(&gone.handle, "revoked", t(2), &audit())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        kinds(&user_events(&*s, "jack").await),
+        vec![ev("session.created", &a, None)]
+    );
+}
+
+pub async fn event_queries_filter_and_page(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let audit = audit();
+    let (r1, _) = record("kim", "default", t(0));
+    let (r2, _) = record("kim", "default", t(0));
+    let mut evs = Vec::new();
+    for i in 1..=6 {
+        let rec = if i % 2 == 0 { &r2 } else { &r1 };
+        let kind = if i <= 3 {
+            EventKind::SessionRotated
+        } else {
+            EventKind::SessionRefreshed
+        };
+        evs.push(audit.session_event(kind, t(i), rec, None));
+    }
+    let (other, _) = record("lee", "default", t(0));
+    evs.push(audit.session_event(EventKind::SessionRotated, t(7), &other, None));
+    s.append_events(&evs).await.unwrap();
+    let q = |f: &dyn Fn(&mut EventQuery)| {
+        let mut q = EventQuery {
+            user_id: Some(UserId::parse("kim").unwrap()),
+            limit: 100,
+            ..EventQuery::default()
+        };
+        f(&mut q);
+        q
+    };
+    let times = |v: Vec<api::Event>| -> Vec<i64> {
+        v.iter()
+            .map(|e| (Timestamp::from_datetime(e.time).as_millis() - T0) / 1000)
+            .collect()
+    };
+    assert_eq!(
+        times(s.events(&q(&|_| ())).await.unwrap()),
+        vec![6, 5, 4, 3, 2, 1]
+    );
+    // Pages by cursor.
+    let p1 = s.events(&q(&|q| q.limit = 4)).await.unwrap();
+    assert_eq!(times(p1.clone()), vec![6, 5, 4, 3]);
+    let cursor = p1.last().unwrap().id.clone();
+    let p2 = s
+        .events(&q(&|q| {
+            q.limit = 4;
+            q.before_id = Some(cursor.clone());
+        }))
+        .await
+        .unwrap();
+    assert_eq!(times(p2), vec![2, 1]);
+    let h = r2.handle.clone();
+    assert_eq!(
+        times(s.events(&q(&|q| q.handle = Some(h.clone()))).await.unwrap()),
+        vec![6, 4, 2]
+    );
+    assert_eq!(
+        times(
+            s.events(&q(&|q| q.event_type = Some("session.refreshed".into())))
+                .await
+                .unwrap()
+        ),
+        vec![6, 5, 4]
+    );
+    assert_eq!(
+        times(
+            s.events(&q(&|q| {
+                q.since = Some(t(2));
+                q.until = Some(t(5));
+            }))
+            .await
+            .unwrap()
+        ),
+        vec![4, 3, 2]
+    );
+    // Without a user: everyone's.
+    let all = s
+        .events(&EventQuery {
+            limit: 100,
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(times(all), vec![7, 6, 5, 4, 3, 2, 1]);
+    // Retention.
+    assert!(s.purge_events(t(3)).await.unwrap() >= 2);
+    assert_eq!(
+        times(s.events(&q(&|_| ())).await.unwrap()),
+        vec![6, 5, 4, 3]
+    );
+    let s2 = f.open().await;
+    assert_eq!(
+        times(s2.events(&q(&|_| ())).await.unwrap()),
+        vec![6, 5, 4, 3]
+    );
+}
+
+fn delivery(e: &api::Event, webhook: &str, next: Timestamp) -> api::Delivery {
+    api::Delivery {
+        id: format!("{}.{webhook}", e.id),
+        webhook: webhook.to_owned(),
+        event: e.clone(),
+        state: DeliveryState::Pending,
+        attempts: 0,
+        next_attempt_at: Some(next.to_datetime()),
+        last_status: None,
+        last_error: None,
+        created_at: e.time,
+        updated_at: e.time,
+    }
+}
+
+pub async fn outbox_fans_out_to_deliveries(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let mut on = audit();
+    on.deliver = true;
+    let (a, _) = record("mia", "default", t(1));
+    insert(&*s, &a, t(1)).await;
+    assert!(
+        s.pending_events(10).await.unwrap().is_empty(),
+        "deliver was off"
+    );
+    s.revoke(&a.handle, "logout", t(2), &on).await.unwrap();
+    let extra = on.event(EventKind::AuthFailed, t(3), &tenant("default"));
+    s.append_events(&[extra]).await.unwrap();
+    let pending = s.pending_events(10).await.unwrap();
+    let types: Vec<_> = pending.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        vec!["session.revoked", "auth.failed"],
+        "oldest first"
+    );
+    assert_eq!(s.pending_events(1).await.unwrap().len(), 1);
+    let d1 = delivery(&pending[0], "w1", t(10));
+    let d2 = delivery(&pending[1], "w1", t(100));
+    let d3 = delivery(&pending[1], "w2", t(10));
+    s.fan_out(
+        &[pending[0].id.clone(), pending[1].id.clone()],
+        &[d1.clone(), d2.clone(), d3.clone()],
+    )
+    .await
+    .unwrap();
+    assert!(s.pending_events(10).await.unwrap().is_empty());
+    let due: Vec<_> = s
+        .due_deliveries(t(50), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(due.len(), 2);
+    assert!(due.contains(&d1.id) && due.contains(&d3.id));
+    let mut done = d1.clone();
+    done.state = DeliveryState::Delivered;
+    done.attempts = 1;
+    done.next_attempt_at = None;
+    done.last_status = Some(204);
+    done.updated_at = t(11).to_datetime();
+    s.put_delivery(&done).await.unwrap();
+    let mut dead = d3.clone();
+    dead.state = DeliveryState::Dead;
+    dead.attempts = 8;
+    dead.next_attempt_at = None;
+    dead.last_error = Some("connection refused".into());
+    dead.updated_at = t(12).to_datetime();
+    s.put_delivery(&dead).await.unwrap();
+    let due: Vec<_> = s
+        .due_deliveries(t(1000), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(due, vec![d2.id.clone()]);
+    let s2 = f.open().await;
+    let w1 = s2
+        .deliveries(&DeliveryQuery {
+            webhook: "w1".into(),
+            limit: 10,
+            ..DeliveryQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(w1, vec![d2.clone(), done.clone()], "newest first, durable");
+    let dead_w2 = s2
+        .deliveries(&DeliveryQuery {
+            webhook: "w2".into(),
+            state: Some(DeliveryState::Dead),
+            limit: 10,
+            ..DeliveryQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead_w2, vec![dead.clone()]);
+    // Retention drops finished deliveries, never pending ones.
+    s2.purge_events(t(5000)).await.unwrap();
+    let left: Vec<_> = s2
+        .deliveries(&DeliveryQuery {
+            webhook: "w1".into(),
+            limit: 10,
+            ..DeliveryQuery::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(left, vec![d2.id.clone()]);
+}
+
+pub async fn active_sessions_are_counted_per_tenant(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (a, _) = record("nia", "default", t(0));
+    let (b, _) = record("nia", "default", t(0));
+    let (c, _) = record("oli", "acme", t(0));
+    for r in [&a, &b, &c] {
+        insert(&*s, r, t(0)).await;
+    }
+    s.revoke(&b.handle, "logout", t(1), &audit()).await.unwrap();
+    // A store that cannot count (Redis) says so.
+    if let Some(mut counts) = s.active_sessions(t(2)).await.unwrap() {
+        counts.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        assert_eq!(counts, vec![(tenant("acme"), 1), (tenant("default"), 1)]);
+    }
 }
 
 pub async fn ping_answers(f: &dyn StoreFactory) {
@@ -762,7 +1245,7 @@ macro_rules! conformance_suite {
             rotate_replaces_the_token,
             rotate_refuses_ended_sessions,
             refresh_state_swaps_atomically,
-            keyring_is_compare_and_set,
+            documents_are_compare_and_set,
             revoke_is_idempotent,
             revoke_user_spares_the_exception_and_other_users,
             limit_evicts_least_recently_used,
@@ -775,6 +1258,11 @@ macro_rules! conformance_suite {
             find_with_policy_follows_policy_changes,
             touch_slides_and_is_written_back,
             sweep_expires_then_purges,
+            each_change_records_exactly_its_events,
+            refused_changes_record_nothing,
+            event_queries_filter_and_page,
+            outbox_fans_out_to_deliveries,
+            active_sessions_are_counted_per_tenant,
             ping_answers
         );
     };

@@ -25,13 +25,17 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
+use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
+use sessiond_core::api;
+use sessiond_core::device::device_id;
+use sessiond_core::events::{Audit, Event, EventKind};
 use sessiond_core::policy::Policy;
 use sessiond_core::session::{self, Liveness, SessionRecord, StoredSession, StoredState};
 use sessiond_core::store::{
-    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome,
-    SessionStore, StoreError, SweepReport,
+    DataUpdate, DeliveryQuery, EventQuery, ExpiredSession, InsertOutcome, ListQuery, Rekey,
+    RevokeOutcome, RotateOutcome, SessionStore, StoreError, SweepReport,
 };
 use sessiond_core::time::Timestamp;
 use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
@@ -187,18 +191,21 @@ enum Cmd {
     Insert {
         rec: Box<SessionRecord>,
         now: Timestamp,
+        audit: Audit,
         reply: Reply<InsertOutcome>,
     },
     Rotate {
         handle: SessionHandle,
         change: Box<Rekey>,
         now: Timestamp,
+        audit: Audit,
         reply: Reply<RotateOutcome>,
     },
     Revoke {
         handle: SessionHandle,
         reason: Arc<str>,
         now: Timestamp,
+        audit: Audit,
         reply: Reply<Option<RevokeOutcome>>,
     },
     RevokeUser {
@@ -207,6 +214,7 @@ enum Cmd {
         except: Option<SessionHandle>,
         reason: Arc<str>,
         now: Timestamp,
+        audit: Audit,
         reply: Reply<Vec<SessionHandle>>,
     },
     UpdateData {
@@ -219,21 +227,43 @@ enum Cmd {
     PutPolicy {
         tenant: TenantId,
         policy: Policy,
+        now: Timestamp,
+        audit: Audit,
         reply: Reply<()>,
     },
     Sweep {
         now: Timestamp,
         to_expire: Vec<(SessionHandle, Timestamp)>,
         to_purge: Vec<SessionHandle>,
+        audit: Audit,
         reply: Reply<SweepReport>,
+    },
+    AppendEvents {
+        events: Vec<Event>,
+        reply: Reply<()>,
+    },
+    PurgeEvents {
+        before: Timestamp,
+        reply: Reply<u64>,
+    },
+    FanOut {
+        events: Vec<String>,
+        deliveries: Vec<api::Delivery>,
+        reply: Reply<()>,
+    },
+    PutDelivery {
+        delivery: Box<api::Delivery>,
+        reply: Reply<()>,
     },
     Flush {
         reply: Reply<()>,
     },
-    GetKeyring {
+    GetDocument {
+        name: String,
         reply: Reply<Option<(u64, String)>>,
     },
-    PutKeyring {
+    PutDocument {
+        name: String,
         expected: Option<u64>,
         doc: String,
         reply: Reply<bool>,
@@ -255,6 +285,8 @@ enum Effect {
     Unindex(SessionHandle),
     Policy(TenantId, Arc<Policy>),
     Persisted(Arc<Entry>, i64),
+    /// Events written in the batch, reported to their operation once committed.
+    Committed(Audit, Vec<Event>),
 }
 
 /// An answer waiting for the commit.
@@ -272,14 +304,35 @@ enum Pending {
     Data(Reply<DataUpdate>, Result<DataUpdate, StoreError>),
     Unit(Reply<()>, Result<(), StoreError>),
     Sweep(Reply<SweepReport>, Result<SweepReport, StoreError>),
-    GetKeyring(
+    GetDocument(
         Reply<Option<(u64, String)>>,
         Result<Option<(u64, String)>, StoreError>,
     ),
-    PutKeyring(Reply<bool>, Result<bool, StoreError>),
+    PutDocument(Reply<bool>, Result<bool, StoreError>),
+    Count(Reply<u64>, Result<u64, StoreError>),
 }
 
 impl Pending {
+    /// The backend error of the command, if it failed: the whole batch then fails, so that no
+    /// half of a command (a change without its event) is committed.
+    fn error(&self) -> Option<StoreError> {
+        fn e<T>(r: &Result<T, StoreError>) -> Option<StoreError> {
+            r.as_ref().err().cloned()
+        }
+        match self {
+            Pending::Insert(_, r) => e(r),
+            Pending::Rotate(_, r) => e(r),
+            Pending::Revoke(_, r) => e(r),
+            Pending::RevokeUser(_, r) => e(r),
+            Pending::Data(_, r) => e(r),
+            Pending::Unit(_, r) => e(r),
+            Pending::Sweep(_, r) => e(r),
+            Pending::GetDocument(_, r) => e(r),
+            Pending::PutDocument(_, r) => e(r),
+            Pending::Count(_, r) => e(r),
+        }
+    }
+
     fn send(self, fail: Option<&StoreError>) {
         macro_rules! go {
             ($tx:expr, $r:expr) => {{
@@ -297,8 +350,9 @@ impl Pending {
             Pending::Data(tx, r) => go!(tx, r),
             Pending::Unit(tx, r) => go!(tx, r),
             Pending::Sweep(tx, r) => go!(tx, r),
-            Pending::GetKeyring(tx, r) => go!(tx, r),
-            Pending::PutKeyring(tx, r) => go!(tx, r),
+            Pending::GetDocument(tx, r) => go!(tx, r),
+            Pending::PutDocument(tx, r) => go!(tx, r),
+            Pending::Count(tx, r) => go!(tx, r),
         }
     }
 }
@@ -309,6 +363,9 @@ pub struct EmbeddedStore {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Cmd>,
     path: PathBuf,
+    /// A read-only connection for event and delivery queries, which the memory index does not
+    /// hold (WAL: readers see committed data and never block the writer).
+    reader: Arc<Mutex<Connection>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -355,6 +412,37 @@ CREATE TABLE IF NOT EXISTS meta (
     version INTEGER NOT NULL,
     value   TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    id      TEXT PRIMARY KEY,
+    at      INTEGER NOT NULL,
+    type    TEXT NOT NULL,
+    tenant  TEXT NOT NULL,
+    user_id TEXT,
+    handle  TEXT,
+    pending INTEGER NOT NULL,
+    doc     TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_user ON events(user_id, id) WHERE user_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_handle ON events(handle, id) WHERE handle IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_at ON events(at);
+CREATE INDEX IF NOT EXISTS events_pending ON events(id) WHERE pending = 1;
+CREATE TABLE IF NOT EXISTS devices (
+    tenant       TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    device_id    TEXT NOT NULL,
+    last_seen_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, user_id, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    id         TEXT PRIMARY KEY,
+    webhook    TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    next_at    INTEGER,
+    updated_at INTEGER NOT NULL,
+    doc        TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_webhook ON deliveries(webhook, id);
 ";
 
 /// The columns of `sessions`, in the order of [`Row`]'s fields.
@@ -363,7 +451,7 @@ pub(crate) const COLUMNS: &str = "handle, token_hash, user_id, tenant, created_a
     state, revoked_reason, ended_at, refresh";
 
 /// The schema version this build writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
@@ -382,6 +470,7 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
             "database schema version {version} is newer than this sessiond supports ({SCHEMA_VERSION})"
         )));
     }
+    // Version 3 adds events, known devices and webhook deliveries (new tables only).
     if version == 1 {
         // Version 2 adds token mode's refresh state.
         conn.execute_batch("ALTER TABLE sessions ADD COLUMN refresh TEXT")
@@ -470,6 +559,13 @@ impl EmbeddedStore {
             healthy: AtomicBool::new(true),
         });
         let n = load(&conn, &shared)?;
+        let reader = Connection::open(&path).map_err(backend)?;
+        reader
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(backend)?;
+        reader
+            .pragma_update(None, "query_only", true)
+            .map_err(backend)?;
         tracing::info!(sessions = n, path = %path.display(), "embedded store loaded");
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -481,7 +577,12 @@ impl EmbeddedStore {
             .name("sessiond-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self { shared, tx, path })
+        Ok(Self {
+            shared,
+            tx,
+            path,
+            reader: Arc::new(Mutex::new(reader)),
+        })
     }
 
     /// The database file.
@@ -497,6 +598,18 @@ impl EmbeddedStore {
     /// Whether no session is held.
     pub fn is_empty(&self) -> bool {
         self.shared.by_handle.is_empty()
+    }
+
+    /// Runs a query on the reader connection, off the async runtime.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.shared.check()?;
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&reader.lock()))
+            .await
+            .map_err(|e| StoreError::Backend(format!("query failed: {e}")))?
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StoreError> {
@@ -564,7 +677,12 @@ impl Writer {
                 if matches!(cmd, Cmd::Flush { .. }) {
                     flush_now = true;
                 }
-                pending.push(apply(&tx, &mut staged, cmd, &mut effects));
+                let p = apply(&tx, &mut staged, cmd, &mut effects);
+                let failed = p.error();
+                pending.push(p);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
             }
             if flush_now {
                 flush_dirty(&tx, &self.shared, &mut effects)?;
@@ -616,6 +734,7 @@ impl Writer {
             Effect::Persisted(entry, ms) => {
                 entry.persisted.fetch_max(ms, Ordering::AcqRel);
             }
+            Effect::Committed(audit, events) => audit.committed(events),
         }
     }
 }
@@ -754,9 +873,15 @@ fn apply(
     effects: &mut Vec<Effect>,
 ) -> Pending {
     match cmd {
-        Cmd::Insert { rec, now, reply } => {
+        Cmd::Insert {
+            rec,
+            now,
+            audit,
+            reply,
+        } => {
             let r = (|| {
                 let rec = *rec;
+                let mut events = Vec::new();
                 let policy = staged.shared.policy_for(&rec.tenant);
                 if let Some(max) = policy.max_sessions_per_user() {
                     let active: Vec<_> = staged
@@ -781,10 +906,19 @@ fn apply(
                         if let Some((entry, r, ls)) =
                             active.iter().find(|(_, r, _)| &r.handle == v).cloned()
                         {
-                            revoke_staged(tx, staged, (entry, r, ls), &reason, now, effects)?;
+                            let r =
+                                revoke_staged(tx, staged, (entry, r, ls), &reason, now, effects)?;
+                            events.push(audit.session_event(
+                                EventKind::SessionRevoked,
+                                now,
+                                &r,
+                                Some(&reason),
+                            ));
                         }
                     }
                     insert_row(tx, &rec)?;
+                    events.push(audit.created(&rec, known_device(tx, &rec, now)?));
+                    record_events(tx, &audit, events, effects)?;
                     staged
                         .new_users
                         .entry(rec.user_id.clone())
@@ -794,6 +928,8 @@ fn apply(
                     return Ok(InsertOutcome::Inserted { evicted: victims });
                 }
                 insert_row(tx, &rec)?;
+                events.push(audit.created(&rec, known_device(tx, &rec, now)?));
+                record_events(tx, &audit, events, effects)?;
                 staged
                     .new_users
                     .entry(rec.user_id.clone())
@@ -810,6 +946,7 @@ fn apply(
             handle,
             change,
             now,
+            audit,
             reply,
         } => {
             let r = (|| {
@@ -848,6 +985,8 @@ fn apply(
                     rec: new.clone(),
                 });
                 staged.overlay.insert(handle, Some((entry, new.clone())));
+                let e = audit.session_event(change.event, now, &new, None);
+                record_events(tx, &audit, vec![e], effects)?;
                 Ok(RotateOutcome::Rotated(stored(new)))
             })();
             Pending::Rotate(reply, r)
@@ -856,6 +995,7 @@ fn apply(
             handle,
             reason,
             now,
+            audit,
             reply,
         } => {
             let r = (|| {
@@ -871,6 +1011,8 @@ fn apply(
                     }));
                 }
                 let rec = revoke_staged(tx, staged, (entry, rec, ls), &reason, now, effects)?;
+                let e = audit.session_event(EventKind::SessionRevoked, now, &rec, Some(&reason));
+                record_events(tx, &audit, vec![e], effects)?;
                 Ok(Some(RevokeOutcome {
                     session: stored(rec),
                     revoked_now: true,
@@ -884,10 +1026,12 @@ fn apply(
             except,
             reason,
             now,
+            audit,
             reply,
         } => {
             let r = (|| {
                 let mut revoked = Vec::new();
+                let mut events = Vec::new();
                 for (entry, rec, ls) in staged.user(&user) {
                     if tenant.as_ref().is_some_and(|t| t != &rec.tenant)
                         || except.as_ref() == Some(&rec.handle)
@@ -896,8 +1040,15 @@ fn apply(
                         continue;
                     }
                     let rec = revoke_staged(tx, staged, (entry, rec, ls), &reason, now, effects)?;
+                    events.push(audit.session_event(
+                        EventKind::SessionRevoked,
+                        now,
+                        &rec,
+                        Some(&reason),
+                    ));
                     revoked.push(rec.handle);
                 }
+                record_events(tx, &audit, events, effects)?;
                 Ok(revoked)
             })();
             Pending::RevokeUser(reply, r)
@@ -937,6 +1088,8 @@ fn apply(
         Cmd::PutPolicy {
             tenant,
             policy,
+            now,
+            audit,
             reply,
         } => {
             let r = (|| {
@@ -947,6 +1100,8 @@ fn apply(
                 )
                 .and_then(|mut s| s.execute(params![tenant.as_str(), doc]))
                 .map_err(backend)?;
+                let e = audit.event(EventKind::PolicyUpdated, now, &tenant);
+                record_events(tx, &audit, vec![e], effects)?;
                 effects.push(Effect::Policy(tenant, Arc::new(policy)));
                 Ok(())
             })();
@@ -956,49 +1111,188 @@ fn apply(
             now,
             to_expire,
             to_purge,
+            audit,
             reply,
         } => {
-            let r = sweep(tx, staged, now, to_expire, to_purge, effects);
+            let r = sweep(tx, staged, now, to_expire, to_purge, &audit, effects);
             Pending::Sweep(reply, r)
         }
-        Cmd::GetKeyring { reply } => {
+        Cmd::GetDocument { name, reply } => {
             let r = tx
                 .query_row(
-                    "SELECT version, value FROM meta WHERE name = 'keyring'",
-                    [],
+                    "SELECT version, value FROM meta WHERE name = ?1",
+                    params![name],
                     |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
                 )
                 .optional()
                 .map_err(backend)
                 .map(|o| o.map(|(v, d)| (v.max(0) as u64, d)));
-            Pending::GetKeyring(reply, r)
+            Pending::GetDocument(reply, r)
         }
-        Cmd::PutKeyring {
+        Cmd::PutDocument {
+            name,
             expected,
             doc,
             reply,
         } => {
             let r = match expected {
                 None => tx.execute(
-                    "INSERT INTO meta (name, version, value) VALUES ('keyring', 1, ?1)
+                    "INSERT INTO meta (name, version, value) VALUES (?1, 1, ?2)
                      ON CONFLICT (name) DO NOTHING",
-                    params![doc],
+                    params![name, doc],
                 ),
                 Some(v) => tx.execute(
-                    "UPDATE meta SET version = version + 1, value = ?2
-                     WHERE name = 'keyring' AND version = ?1",
-                    params![v as i64, doc],
+                    "UPDATE meta SET version = version + 1, value = ?3
+                     WHERE name = ?1 AND version = ?2",
+                    params![name, v as i64, doc],
                 ),
             }
             .map(|n| n == 1)
             .map_err(backend);
-            Pending::PutKeyring(reply, r)
+            Pending::PutDocument(reply, r)
+        }
+        Cmd::AppendEvents { events, reply } => {
+            let r = write_events(tx, &events);
+            Pending::Unit(reply, r)
+        }
+        Cmd::PurgeEvents { before, reply } => {
+            let r = (|| {
+                let ms = before.as_millis();
+                let mut n = tx
+                    .execute("DELETE FROM events WHERE at < ?1", params![ms])
+                    .map_err(backend)? as u64;
+                n += tx
+                    .execute("DELETE FROM devices WHERE last_seen_at < ?1", params![ms])
+                    .map_err(backend)? as u64;
+                n += tx
+                    .execute(
+                        "DELETE FROM deliveries WHERE state <> 'pending' AND updated_at < ?1",
+                        params![ms],
+                    )
+                    .map_err(backend)? as u64;
+                Ok(n)
+            })();
+            Pending::Count(reply, r)
+        }
+        Cmd::FanOut {
+            events,
+            deliveries,
+            reply,
+        } => {
+            let r = (|| {
+                let mut done = tx
+                    .prepare_cached("UPDATE events SET pending = 0 WHERE id = ?1")
+                    .map_err(backend)?;
+                for id in &events {
+                    done.execute(params![id]).map_err(backend)?;
+                }
+                for d in &deliveries {
+                    put_delivery(tx, d)?;
+                }
+                Ok(())
+            })();
+            Pending::Unit(reply, r)
+        }
+        Cmd::PutDelivery { delivery, reply } => {
+            let r = put_delivery(tx, &delivery);
+            Pending::Unit(reply, r)
         }
         Cmd::Flush { reply } | Cmd::Ping { reply } => {
             let r = tx.query_row("SELECT 1", [], |_| Ok(())).map_err(backend);
             Pending::Unit(reply, r)
         }
     }
+}
+
+fn write_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
+    let mut st = tx
+        .prepare_cached(
+            "INSERT INTO events (id, at, type, tenant, user_id, handle, pending, doc)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .map_err(backend)?;
+    for e in events {
+        st.execute(params![
+            e.id,
+            e.at.as_millis(),
+            e.kind.as_str(),
+            e.tenant.as_str(),
+            e.user_id.as_ref().map(UserId::as_str),
+            e.handle.as_ref().map(SessionHandle::as_str),
+            i64::from(e.deliver),
+            e.to_json(),
+        ])
+        .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Writes an operation's events in the batch; they reach the operation once committed.
+fn record_events(
+    tx: &rusqlite::Transaction<'_>,
+    audit: &Audit,
+    events: Vec<Event>,
+    effects: &mut Vec<Effect>,
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    write_events(tx, &events)?;
+    effects.push(Effect::Committed(audit.clone(), events));
+    Ok(())
+}
+
+/// Whether the session's device is new for its user (`None`: no device known), remembering it.
+fn known_device(
+    tx: &rusqlite::Transaction<'_>,
+    rec: &SessionRecord,
+    now: Timestamp,
+) -> Result<Option<bool>, StoreError> {
+    let Some(id) = device_id(rec) else {
+        return Ok(None);
+    };
+    let seen = tx
+        .prepare_cached(
+            "SELECT 1 FROM devices WHERE tenant = ?1 AND user_id = ?2 AND device_id = ?3",
+        )
+        .and_then(|mut st| st.exists(params![rec.tenant.as_str(), rec.user_id.as_str(), id]))
+        .map_err(backend)?;
+    let key = params![
+        rec.tenant.as_str(),
+        rec.user_id.as_str(),
+        id,
+        now.as_millis()
+    ];
+    tx.prepare_cached(
+        "INSERT INTO devices (tenant, user_id, device_id, last_seen_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (tenant, user_id, device_id)
+         DO UPDATE SET last_seen_at = MAX(last_seen_at, excluded.last_seen_at)",
+    )
+    .and_then(|mut st| st.execute(key))
+    .map_err(backend)?;
+    Ok(Some(!seen))
+}
+
+fn put_delivery(tx: &rusqlite::Transaction<'_>, d: &api::Delivery) -> Result<(), StoreError> {
+    let doc = serde_json::to_string(d).map_err(backend)?;
+    tx.prepare_cached(
+        "INSERT INTO deliveries (id, webhook, state, next_at, updated_at, doc)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (id) DO UPDATE SET state = excluded.state, next_at = excluded.next_at,
+             updated_at = excluded.updated_at, doc = excluded.doc",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            d.id,
+            d.webhook,
+            d.state.as_str(),
+            d.next_attempt_at.map(|t| t.timestamp_millis()),
+            d.updated_at.timestamp_millis(),
+            doc,
+        ])
+    })
+    .map_err(backend)?;
+    Ok(())
 }
 
 fn insert_row(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> Result<(), StoreError> {
@@ -1106,9 +1400,11 @@ fn sweep(
     now: Timestamp,
     to_expire: Vec<(SessionHandle, Timestamp)>,
     to_purge: Vec<SessionHandle>,
+    audit: &Audit,
     effects: &mut Vec<Effect>,
 ) -> Result<SweepReport, StoreError> {
     let mut report = SweepReport::default();
+    let mut events = Vec::new();
     for (h, at) in to_expire {
         // Re-check as this batch sees it: it may have been used or changed since the scan.
         let Some((e, mut rec, ls)) = staged.get(&h) else {
@@ -1120,6 +1416,7 @@ fn sweep(
         rec.last_seen_at = ls;
         rec.state = StoredState::Expired { at };
         write_state(tx, &rec)?;
+        events.push(audit.session_event(EventKind::SessionExpired, at, &rec, None));
         report.expired.push(ExpiredSession {
             handle: rec.handle.clone(),
             user_id: rec.user_id.clone(),
@@ -1128,6 +1425,7 @@ fn sweep(
         });
         staged.put(e, rec, effects);
     }
+    record_events(tx, audit, events, effects)?;
     let mut del = tx
         .prepare_cached("DELETE FROM sessions WHERE handle = ?1")
         .map_err(backend)?;
@@ -1148,11 +1446,13 @@ impl SessionStore for EmbeddedStore {
         &self,
         record: SessionRecord,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<InsertOutcome, StoreError> {
         self.shared.check()?;
         self.call(|reply| Cmd::Insert {
             rec: Box::new(record),
             now,
+            audit: audit.clone(),
             reply,
         })
         .await
@@ -1201,6 +1501,7 @@ impl SessionStore for EmbeddedStore {
         handle: &SessionHandle,
         change: &Rekey,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<RotateOutcome, StoreError> {
         self.shared.check()?;
         let (handle, change) = (handle.clone(), Box::new(change.clone()));
@@ -1208,6 +1509,7 @@ impl SessionStore for EmbeddedStore {
             handle,
             change,
             now,
+            audit: audit.clone(),
             reply,
         })
         .await
@@ -1218,6 +1520,7 @@ impl SessionStore for EmbeddedStore {
         handle: &SessionHandle,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Option<RevokeOutcome>, StoreError> {
         self.shared.check()?;
         let handle = handle.clone();
@@ -1225,6 +1528,7 @@ impl SessionStore for EmbeddedStore {
             handle,
             reason: reason.into(),
             now,
+            audit: audit.clone(),
             reply,
         })
         .await
@@ -1237,6 +1541,7 @@ impl SessionStore for EmbeddedStore {
         except: Option<&SessionHandle>,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Vec<SessionHandle>, StoreError> {
         self.shared.check()?;
         let (user, tenant, except) = (user_id.clone(), tenant.cloned(), except.cloned());
@@ -1246,6 +1551,7 @@ impl SessionStore for EmbeddedStore {
             except,
             reason: reason.into(),
             now,
+            audit: audit.clone(),
             reply,
         })
         .await
@@ -1305,18 +1611,31 @@ impl SessionStore for EmbeddedStore {
         Ok(self.shared.policy_for(tenant))
     }
 
-    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError> {
+    async fn put_policy(
+        &self,
+        tenant: &TenantId,
+        policy: Policy,
+        now: Timestamp,
+        audit: &Audit,
+    ) -> Result<(), StoreError> {
         self.shared.check()?;
         let tenant = tenant.clone();
         self.call(|reply| Cmd::PutPolicy {
             tenant,
             policy,
+            now,
+            audit: audit.clone(),
             reply,
         })
         .await
     }
 
-    async fn sweep(&self, now: Timestamp, retention_s: u64) -> Result<SweepReport, StoreError> {
+    async fn sweep(
+        &self,
+        now: Timestamp,
+        retention_s: u64,
+        audit: &Audit,
+    ) -> Result<SweepReport, StoreError> {
         self.shared.check()?;
         let shared = self.shared.clone();
         let (to_expire, to_purge) =
@@ -1330,6 +1649,7 @@ impl SessionStore for EmbeddedStore {
             now,
             to_expire,
             to_purge,
+            audit: audit.clone(),
             reply,
         })
         .await
@@ -1344,19 +1664,184 @@ impl SessionStore for EmbeddedStore {
         self.call(|reply| Cmd::Ping { reply }).await
     }
 
-    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
+    async fn document(&self, name: &str) -> Result<Option<(u64, String)>, StoreError> {
         self.shared.check()?;
-        self.call(|reply| Cmd::GetKeyring { reply }).await
+        let name = name.to_owned();
+        self.call(|reply| Cmd::GetDocument { name, reply }).await
     }
 
-    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
+    async fn put_document(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        doc: &str,
+    ) -> Result<bool, StoreError> {
         self.shared.check()?;
-        let doc = doc.to_owned();
-        self.call(|reply| Cmd::PutKeyring {
+        let (name, doc) = (name.to_owned(), doc.to_owned());
+        self.call(|reply| Cmd::PutDocument {
+            name,
             expected,
             doc,
             reply,
         })
         .await
     }
+
+    async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
+        self.shared.check()?;
+        let events = events.to_vec();
+        self.call(|reply| Cmd::AppendEvents { events, reply }).await
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Vec<api::Event>, StoreError> {
+        let q = query.clone();
+        self.read(move |c| {
+            let mut sql = String::from("SELECT doc FROM events WHERE 1 = 1");
+            let mut args: Vec<SqlValue> = Vec::new();
+            let mut arg = |sql: &mut String, cond: &str, v: SqlValue| {
+                args.push(v);
+                sql.push_str(&cond.replace('?', &format!("?{}", args.len())));
+            };
+            if let Some(u) = &q.user_id {
+                arg(&mut sql, " AND user_id = ?", u.as_str().to_owned().into());
+            }
+            if let Some(h) = &q.handle {
+                arg(&mut sql, " AND handle = ?", h.as_str().to_owned().into());
+            }
+            if let Some(t) = &q.event_type {
+                arg(&mut sql, " AND type = ?", t.clone().into());
+            }
+            if let Some(t) = q.since {
+                arg(&mut sql, " AND at >= ?", t.as_millis().into());
+            }
+            if let Some(t) = q.until {
+                arg(&mut sql, " AND at < ?", t.as_millis().into());
+            }
+            if let Some(b) = &q.before_id {
+                arg(&mut sql, " AND id < ?", b.clone().into());
+            }
+            arg(
+                &mut sql,
+                " ORDER BY id DESC LIMIT ?",
+                (q.limit.min(10_000) as i64).into(),
+            );
+            query_docs(c, &sql, args)
+        })
+        .await
+    }
+
+    async fn purge_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+        self.shared.check()?;
+        self.call(|reply| Cmd::PurgeEvents { before, reply }).await
+    }
+
+    async fn pending_events(&self, limit: usize) -> Result<Vec<api::Event>, StoreError> {
+        self.read(move |c| {
+            query_docs(
+                c,
+                "SELECT doc FROM events WHERE pending = 1 ORDER BY id LIMIT ?1",
+                vec![(limit.min(10_000) as i64).into()],
+            )
+        })
+        .await
+    }
+
+    async fn fan_out(
+        &self,
+        events: &[String],
+        deliveries: &[api::Delivery],
+    ) -> Result<(), StoreError> {
+        self.shared.check()?;
+        let (events, deliveries) = (events.to_vec(), deliveries.to_vec());
+        self.call(|reply| Cmd::FanOut {
+            events,
+            deliveries,
+            reply,
+        })
+        .await
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<api::Delivery>, StoreError> {
+        self.read(move |c| {
+            query_docs(
+                c,
+                "SELECT doc FROM deliveries WHERE state = 'pending' AND next_at <= ?1
+                 ORDER BY next_at, id LIMIT ?2",
+                vec![now.as_millis().into(), (limit.min(10_000) as i64).into()],
+            )
+        })
+        .await
+    }
+
+    async fn put_delivery(&self, delivery: &api::Delivery) -> Result<(), StoreError> {
+        self.shared.check()?;
+        let delivery = Box::new(delivery.clone());
+        self.call(|reply| Cmd::PutDelivery { delivery, reply })
+            .await
+    }
+
+    async fn active_sessions(
+        &self,
+        now: Timestamp,
+    ) -> Result<Option<Vec<(TenantId, u64)>>, StoreError> {
+        self.shared.check()?;
+        let shared = self.shared.clone();
+        let counts = tokio::task::spawn_blocking(move || {
+            let mut counts: HashMap<TenantId, u64> = HashMap::new();
+            for item in shared.by_handle.iter() {
+                let snap = item.value().snapshot();
+                let policy = shared.policy_for(&snap.record.tenant);
+                if session::liveness(&snap.record, snap.last_seen_at, &policy, now)
+                    == Liveness::Active
+                {
+                    *counts.entry(snap.record.tenant.clone()).or_default() += 1;
+                }
+            }
+            counts
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("count failed: {e}")))?;
+        Ok(Some(counts.into_iter().collect()))
+    }
+
+    async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<api::Delivery>, StoreError> {
+        let q = query.clone();
+        self.read(move |c| {
+            let mut sql = String::from("SELECT doc FROM deliveries WHERE webhook = ?1");
+            let mut args: Vec<SqlValue> = vec![q.webhook.clone().into()];
+            if let Some(st) = q.state {
+                args.push(st.as_str().to_owned().into());
+                sql.push_str(&format!(" AND state = ?{}", args.len()));
+            }
+            if let Some(b) = &q.before_id {
+                args.push(b.clone().into());
+                sql.push_str(&format!(" AND id < ?{}", args.len()));
+            }
+            args.push((q.limit.min(10_000) as i64).into());
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+            query_docs(c, &sql, args)
+        })
+        .await
+    }
+}
+
+/// Runs a query whose one column is a JSON document, and parses each.
+fn query_docs<T: serde::de::DeserializeOwned>(
+    c: &Connection,
+    sql: &str,
+    args: Vec<SqlValue>,
+) -> Result<Vec<T>, StoreError> {
+    let mut st = c.prepare_cached(sql).map_err(backend)?;
+    let rows = st
+        .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(0))
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(serde_json::from_str(&row.map_err(backend)?).map_err(backend)?);
+    }
+    Ok(out)
 }

@@ -23,11 +23,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
+use sessiond_core::api;
+use sessiond_core::device::device_id;
+use sessiond_core::events::{Audit, Event, EventKind};
 use sessiond_core::policy::Policy;
 use sessiond_core::session::{self, Liveness, SessionRecord, StoredSession, StoredState};
 use sessiond_core::store::{
-    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome,
-    SessionStore, StoreError, SweepReport,
+    DataUpdate, DeliveryQuery, EventQuery, ExpiredSession, InsertOutcome, ListQuery, Rekey,
+    RevokeOutcome, RotateOutcome, SessionStore, StoreError, SweepReport,
 };
 use sessiond_core::time::Timestamp;
 use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
@@ -101,6 +104,15 @@ fn migrator() -> Migrator {
                 MigrationType::Simple,
                 sqlx::SqlSafeStr::into_sql_str(include_str!(
                     "../migrations/postgres/0002_token_mode.sql"
+                )),
+                false,
+            ),
+            Migration::new(
+                3,
+                "events".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(include_str!(
+                    "../migrations/postgres/0003_events.sql"
                 )),
                 false,
             ),
@@ -429,6 +441,102 @@ async fn flush_loop(inner: Weak<Inner>, every: Duration) {
     }
 }
 
+/// Writes events in the transaction of their change.
+async fn write_events<'c, E>(ex: E, events: &[Event]) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let ats: Vec<i64> = events.iter().map(|e| e.at.as_millis()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let tenants: Vec<&str> = events.iter().map(|e| e.tenant.as_str()).collect();
+    let users: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| e.user_id.as_ref().map(UserId::as_str))
+        .collect();
+    let handles: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| e.handle.as_ref().map(SessionHandle::as_str))
+        .collect();
+    let pending: Vec<bool> = events.iter().map(|e| e.deliver).collect();
+    let docs: Vec<String> = events.iter().map(Event::to_json).collect();
+    sqlx::query(
+        "INSERT INTO events (id, at, type, tenant, user_id, handle, pending, doc)
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::bool[], $8::text[])",
+    )
+    .bind(&ids)
+    .bind(&ats)
+    .bind(&types)
+    .bind(&tenants)
+    .bind(&users)
+    .bind(&handles)
+    .bind(&pending)
+    .bind(&docs)
+    .execute(ex)
+    .await
+    .map_err(err)?;
+    Ok(())
+}
+
+/// Whether the session's device is new for its user (`None`: no device known), remembering it.
+/// One statement: `xmax = 0` tells an inserted row from an updated one.
+async fn known_device(
+    tx: &mut Transaction<'static, Postgres>,
+    rec: &SessionRecord,
+    now: Timestamp,
+) -> Result<Option<bool>, StoreError> {
+    let Some(id) = device_id(rec) else {
+        return Ok(None);
+    };
+    let inserted: bool = sqlx::query_scalar(
+        "INSERT INTO devices (tenant, user_id, device_id, last_seen_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant, user_id, device_id)
+         DO UPDATE SET last_seen_at = GREATEST(devices.last_seen_at, excluded.last_seen_at)
+         RETURNING (xmax = 0)",
+    )
+    .bind(rec.tenant.as_str())
+    .bind(rec.user_id.as_str())
+    .bind(id)
+    .bind(now.as_millis())
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(err)?;
+    Ok(Some(inserted))
+}
+
+async fn put_delivery<'c, E>(ex: E, d: &api::Delivery) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'c, Database = Postgres>,
+{
+    let doc = serde_json::to_string(d).map_err(|e| StoreError::Backend(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO deliveries (id, webhook, state, next_at, updated_at, doc)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (id) DO UPDATE SET state = excluded.state, next_at = excluded.next_at,
+             updated_at = excluded.updated_at, doc = excluded.doc",
+    )
+    .bind(&d.id)
+    .bind(&d.webhook)
+    .bind(d.state.as_str())
+    .bind(d.next_attempt_at.map(|t| t.timestamp_millis()))
+    .bind(d.updated_at.timestamp_millis())
+    .bind(doc)
+    .execute(ex)
+    .await
+    .map_err(err)?;
+    Ok(())
+}
+
+fn parse_docs<T: serde::de::DeserializeOwned>(docs: Vec<String>) -> Result<Vec<T>, StoreError> {
+    docs.iter()
+        .map(|d| serde_json::from_str(d).map_err(|e| StoreError::Backend(e.to_string())))
+        .collect()
+}
+
 fn live_in(rec: &SessionRecord, policy: &Policy, now: Timestamp) -> bool {
     session::liveness(rec, rec.last_seen_at, policy, now) == Liveness::Active
 }
@@ -443,7 +551,9 @@ impl SessionStore for PostgresStore {
         &self,
         record: SessionRecord,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<InsertOutcome, StoreError> {
+        let mut events = Vec::new();
         let mut tx = self.begin().await?;
         let policy = self.policy_in(&mut tx, record.tenant.as_str()).await?;
         let mut evicted = Vec::new();
@@ -486,6 +596,12 @@ impl SessionStore for PostgresStore {
                     at: now,
                 };
                 Self::write_state(&mut tx, &rec).await?;
+                events.push(audit.session_event(
+                    EventKind::SessionRevoked,
+                    now,
+                    &rec,
+                    Some("limit_evicted"),
+                ));
             }
         }
         let r = Row::from_record(&record);
@@ -518,7 +634,10 @@ impl SessionStore for PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(err)?;
+        events.push(audit.created(&record, known_device(&mut tx, &record, now).await?));
+        write_events(&mut *tx, &events).await?;
         tx.commit().await.map_err(err)?;
+        audit.committed(events);
         Ok(InsertOutcome::Inserted { evicted })
     }
 
@@ -609,6 +728,7 @@ impl SessionStore for PostgresStore {
         handle: &SessionHandle,
         change: &Rekey,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<RotateOutcome, StoreError> {
         let mut tx = self.begin().await?;
         let Some(rec) = Self::for_update(&mut tx, handle).await? else {
@@ -637,7 +757,10 @@ impl SessionStore for PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(err)?;
+        let events = vec![audit.session_event(change.event, now, &new, None)];
+        write_events(&mut *tx, &events).await?;
         tx.commit().await.map_err(err)?;
+        audit.committed(events);
         Ok(RotateOutcome::Rotated(stored(new)))
     }
 
@@ -646,6 +769,7 @@ impl SessionStore for PostgresStore {
         handle: &SessionHandle,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Option<RevokeOutcome>, StoreError> {
         let mut tx = self.begin().await?;
         let Some(rec) = Self::for_update(&mut tx, handle).await? else {
@@ -666,7 +790,10 @@ impl SessionStore for PostgresStore {
             at: now,
         };
         Self::write_state(&mut tx, &rec).await?;
+        let events = vec![audit.session_event(EventKind::SessionRevoked, now, &rec, Some(reason))];
+        write_events(&mut *tx, &events).await?;
         tx.commit().await.map_err(err)?;
+        audit.committed(events);
         Ok(Some(RevokeOutcome {
             session: stored(rec),
             revoked_now: true,
@@ -680,7 +807,9 @@ impl SessionStore for PostgresStore {
         except: Option<&SessionHandle>,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Vec<SessionHandle>, StoreError> {
+        let mut events = Vec::new();
         let mut tx = self.begin().await?;
         Self::lock_user(&mut tx, user_id).await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -717,9 +846,12 @@ impl SessionStore for PostgresStore {
                 at: now,
             };
             Self::write_state(&mut tx, &rec).await?;
+            events.push(audit.session_event(EventKind::SessionRevoked, now, &rec, Some(reason)));
             revoked.push(rec.handle);
         }
+        write_events(&mut *tx, &events).await?;
         tx.commit().await.map_err(err)?;
+        audit.committed(events);
         Ok(revoked)
     }
 
@@ -813,22 +945,38 @@ impl SessionStore for PostgresStore {
         self.parse_policy(tenant.as_str(), doc)
     }
 
-    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError> {
+    async fn put_policy(
+        &self,
+        tenant: &TenantId,
+        policy: Policy,
+        now: Timestamp,
+        audit: &Audit,
+    ) -> Result<(), StoreError> {
         let doc = serde_json::to_string(policy.document())
             .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO policies (tenant, document) VALUES ($1, $2)
              ON CONFLICT (tenant) DO UPDATE SET document = excluded.document",
         )
         .bind(tenant.as_str())
         .bind(doc)
-        .execute(&self.inner.pool)
+        .execute(&mut *tx)
         .await
         .map_err(err)?;
+        let events = vec![audit.event(EventKind::PolicyUpdated, now, tenant)];
+        write_events(&mut *tx, &events).await?;
+        tx.commit().await.map_err(err)?;
+        audit.committed(events);
         Ok(())
     }
 
-    async fn sweep(&self, now: Timestamp, retention_s: u64) -> Result<SweepReport, StoreError> {
+    async fn sweep(
+        &self,
+        now: Timestamp,
+        retention_s: u64,
+        audit: &Audit,
+    ) -> Result<SweepReport, StoreError> {
         // Uses batched on this node count; other nodes' batches land within their interval.
         self.flush_pending().await?;
         let mut report = SweepReport::default();
@@ -850,6 +998,16 @@ impl SessionStore for PostgresStore {
         let dp = self.inner.default_policy.clone();
         self.expire(&mut tx, None, &tenants, &dp, now, budget, &mut report)
             .await?;
+        let expired_events: Vec<Event> = report
+            .expired
+            .iter()
+            .map(|e| {
+                let mut ev = audit.event(EventKind::SessionExpired, e.at, &e.tenant);
+                ev.user_id = Some(e.user_id.clone());
+                ev.handle = Some(e.handle.clone());
+                ev
+            })
+            .collect();
         let purged = sqlx::query(
             "DELETE FROM sessions WHERE handle IN (
                 SELECT handle FROM sessions WHERE ended_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
@@ -860,7 +1018,9 @@ impl SessionStore for PostgresStore {
         .await
         .map_err(err)?;
         report.purged = purged.rows_affected();
+        write_events(&mut *tx, &expired_events).await?;
         tx.commit().await.map_err(err)?;
+        audit.committed(expired_events);
         Ok(report)
     }
 
@@ -876,8 +1036,9 @@ impl SessionStore for PostgresStore {
         Ok(())
     }
 
-    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
-        let row = sqlx::query("SELECT version, value FROM meta WHERE name = 'keyring'")
+    async fn document(&self, name: &str) -> Result<Option<(u64, String)>, StoreError> {
+        let row = sqlx::query("SELECT version, value FROM meta WHERE name = $1")
+            .bind(name)
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(err)?;
@@ -890,21 +1051,155 @@ impl SessionStore for PostgresStore {
         }
     }
 
-    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
+    async fn put_document(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        doc: &str,
+    ) -> Result<bool, StoreError> {
         let q = match expected {
             None => sqlx::query(
-                "INSERT INTO meta (name, version, value) VALUES ('keyring', 1, $1)
+                "INSERT INTO meta (name, version, value) VALUES ($1, 1, $2)
                  ON CONFLICT (name) DO NOTHING",
             )
+            .bind(name)
             .bind(doc),
             Some(v) => sqlx::query(
-                "UPDATE meta SET version = version + 1, value = $2
-                 WHERE name = 'keyring' AND version = $1",
+                "UPDATE meta SET version = version + 1, value = $3
+                 WHERE name = $1 AND version = $2",
             )
+            .bind(name)
             .bind(v as i64)
             .bind(doc),
         };
         let done = q.execute(&self.inner.pool).await.map_err(err)?;
         Ok(done.rows_affected() == 1)
+    }
+
+    async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
+        write_events(&self.inner.pool, events).await
+    }
+
+    async fn events(&self, q: &EventQuery) -> Result<Vec<api::Event>, StoreError> {
+        let docs: Vec<String> = sqlx::query_scalar(
+            "SELECT doc FROM events
+             WHERE ($1::text IS NULL OR user_id = $1) AND ($2::text IS NULL OR handle = $2)
+               AND ($3::text IS NULL OR type = $3) AND ($4::bigint IS NULL OR at >= $4)
+               AND ($5::bigint IS NULL OR at < $5) AND ($6::text IS NULL OR id < $6)
+             ORDER BY id DESC LIMIT $7",
+        )
+        .bind(q.user_id.as_ref().map(UserId::as_str))
+        .bind(q.handle.as_ref().map(SessionHandle::as_str))
+        .bind(q.event_type.as_deref())
+        .bind(q.since.map(Timestamp::as_millis))
+        .bind(q.until.map(Timestamp::as_millis))
+        .bind(q.before_id.as_deref())
+        .bind(q.limit.min(10_000) as i64)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(err)?;
+        parse_docs(docs)
+    }
+
+    async fn purge_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+        let ms = before.as_millis();
+        let mut n = 0;
+        for sql in [
+            "DELETE FROM events WHERE at < $1",
+            "DELETE FROM devices WHERE last_seen_at < $1",
+            "DELETE FROM deliveries WHERE state <> 'pending' AND updated_at < $1",
+        ] {
+            n += sqlx::query(sql)
+                .bind(ms)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(err)?
+                .rows_affected();
+        }
+        Ok(n)
+    }
+
+    async fn pending_events(&self, limit: usize) -> Result<Vec<api::Event>, StoreError> {
+        let docs: Vec<String> =
+            sqlx::query_scalar("SELECT doc FROM events WHERE pending ORDER BY id LIMIT $1")
+                .bind(limit.min(10_000) as i64)
+                .fetch_all(&self.inner.pool)
+                .await
+                .map_err(err)?;
+        parse_docs(docs)
+    }
+
+    async fn fan_out(
+        &self,
+        events: &[String],
+        deliveries: &[api::Delivery],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE events SET pending = false WHERE id = ANY($1)")
+            .bind(events)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        for d in deliveries {
+            put_delivery(&mut *tx, d).await?;
+        }
+        tx.commit().await.map_err(err)
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<api::Delivery>, StoreError> {
+        let docs: Vec<String> = sqlx::query_scalar(
+            "SELECT doc FROM deliveries WHERE state = 'pending' AND next_at <= $1
+             ORDER BY next_at, id LIMIT $2",
+        )
+        .bind(now.as_millis())
+        .bind(limit.min(10_000) as i64)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(err)?;
+        parse_docs(docs)
+    }
+
+    async fn put_delivery(&self, delivery: &api::Delivery) -> Result<(), StoreError> {
+        put_delivery(&self.inner.pool, delivery).await
+    }
+
+    async fn active_sessions(
+        &self,
+        _now: Timestamp,
+    ) -> Result<Option<Vec<(TenantId, u64)>>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT tenant, count(*) FROM sessions WHERE state = 'active' GROUP BY tenant",
+        )
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(err)?;
+        rows.into_iter()
+            .map(|(t, n)| {
+                let t = TenantId::parse(&t).map_err(|e| StoreError::Backend(e.to_string()))?;
+                Ok((t, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()
+            .map(Some)
+    }
+
+    async fn deliveries(&self, q: &DeliveryQuery) -> Result<Vec<api::Delivery>, StoreError> {
+        let docs: Vec<String> = sqlx::query_scalar(
+            "SELECT doc FROM deliveries
+             WHERE webhook = $1 AND ($2::text IS NULL OR state = $2)
+               AND ($3::text IS NULL OR id < $3)
+             ORDER BY id DESC LIMIT $4",
+        )
+        .bind(&q.webhook)
+        .bind(q.state.map(api::DeliveryState::as_str))
+        .bind(q.before_id.as_deref())
+        .bind(q.limit.min(10_000) as i64)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(err)?;
+        parse_docs(docs)
     }
 }

@@ -6,11 +6,19 @@
 //! |---|---|---|
 //! | `P:{u:TAG}:s:HANDLE` | hash | `row` (the session, JSON) and `seen` (latest use, ms) |
 //! | `P:{u:TAG}:idx` | set | the user's session handles |
+//! | `P:{u:TAG}:ev` | stream | the user's events: `id` (event id) and `doc` (JSON), at most about 10 000 |
+//! | `P:{u:TAG}:dev` | sorted set | `TENANT DEVICE_ID` of the user's known devices, by last sign-in (ms) |
 //! | `P:t:HASHHEX` | string | `TAG HANDLE`: token hash → session |
 //! | `P:h:HANDLE` | string | `TAG`: handle → the user's slot |
 //! | `P:policy:TENANT` | string | a tenant's policy document |
-//! | `P:keyring` | hash | `v` (version) and `doc`: token mode's signing keyring |
+//! | `P:keyring`, `P:doc:NAME` | hash | `v` (version) and `doc`: the keyring and the other named documents |
 //! | `P:{sweep}:due`, `P:{sweep}:ended` | sorted sets | sessions by next possible expiry, and by end time |
+//! | `P:{ev}:all` | stream | every event: `id` and `doc` |
+//! | `P:{ev}:pending`, `P:{ev}:pending:doc` | sorted set, hash | the webhook outbox: event ids (by id), and their JSON |
+//! | `P:{ev}:d` | hash | delivery id → the delivery (JSON) |
+//! | `P:{ev}:due` | sorted set | pending deliveries by next attempt (ms) |
+//! | `P:{ev}:fin` | sorted set | delivered and dead deliveries by last change (ms), for the retention |
+//! | `P:{ev}:w:WEBHOOK` | sorted set | a webhook's delivery ids (score 0: in id order) |
 //!
 //! `TAG` is a digest of the user id, so every key of one user shares a hash slot: the limit and
 //! force logout are atomic in one Lua script even on a cluster. Every decision is made in Rust
@@ -24,8 +32,28 @@
 //! use; `sweep` additionally marks timed-out sessions expired and purges ended ones after the
 //! retention, from the two sorted sets. Last-seen writes are batched per node, written at once
 //! when another node could otherwise see the session idle-expire first.
+//!
+//! Events: a session's events are appended to its user's stream by the same compare-and-set that
+//! makes the change, so the user's log is exact: a change is never stored without its events, and a
+//! refused change records none. Right after that script succeeded, the events are also appended to
+//! the global stream (what `GET /v1/events` without a user reads) and, when they go to webhooks, to
+//! the outbox; all global event and webhook keys share the hash tag `{ev}`, so fanning out and
+//! updating deliveries is one atomic script. On a cluster that second write is in another slot and
+//! not atomic with the change: a crash of this node (or an error from the `{ev}` slot's node)
+//! between the two loses the event from the global feed and the outbox, never from the user's log.
+//! Policy updates and events that change nothing else (`auth.failed`) have no user slot and are
+//! written to the global keys only (events of a user also to the user's stream); a policy's
+//! `policy.updated` is written right after the policy itself, which lives in another slot. Event
+//! retention: `purge_events` trims the global stream from the oldest entry, trims the streams of
+//! the users whose events it removed the same way, drops outbox entries and finished deliveries
+//! older than the cutoff; besides, a user's stream and device set expire (key TTL) one retention
+//! after the user's last event or sign-in.
+//!
+//! New devices: `insert` reads the user's device set before its compare-and-set (which then
+//! records the device), so two sessions created at the same moment from the same new device
+//! may both be reported as a new device; never the other way round.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -36,11 +64,14 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value as RedisValue};
 use serde_json::{Map, Value};
+use sessiond_core::api;
+use sessiond_core::device::device_id;
+use sessiond_core::events::{Audit, Event, EventKind};
 use sessiond_core::policy::Policy;
 use sessiond_core::session::{self, Liveness, SessionRecord, StoredSession, StoredState};
 use sessiond_core::store::{
-    DataUpdate, ExpiredSession, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome,
-    SessionStore, StoreError, SweepReport,
+    DataUpdate, DeliveryQuery, EventQuery, ExpiredSession, InsertOutcome, ListQuery, Rekey,
+    RevokeOutcome, RotateOutcome, SessionStore, StoreError, SweepReport,
 };
 use sessiond_core::time::Timestamp;
 use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
@@ -85,11 +116,22 @@ impl RedisOptions {
 const SWEEP_CHUNK: isize = 10_000;
 /// Attempts of an optimistic change before giving up with a conflict.
 const CAS_ATTEMPTS: usize = 32;
+/// Stream entries read per command when listing or purging events.
+const EVENT_PAGE: usize = 500;
+/// Deliveries or outbox entries handled per command.
+const DELIVERY_PAGE: usize = 500;
+/// Most entries a query answers (as on the other stores).
+const MAX_LIMIT: usize = 10_000;
 
 /// Atomic compare-and-set over keys of one slot. ARGV: the number of checks, then per check
 /// its kind (`r`: the `row` field of a session hash, `m`: the sorted members of a set) and the
 /// expected text (`''` for missing); then the number of writes, then per write: op, index of
 /// its key, value, TTL in ms. Answers 1 if applied, 0 if a check failed (nothing written).
+///
+/// Ops: `row` sets a session's row; `sadd`, `srem` change a set; `del` deletes a key; `xadd`
+/// appends `ID DOC` (an event) to a stream capped at about 10 000 entries; `dev` records
+/// `MS MEMBER` (a device seen at MS) in a sorted set and drops members older than MS - TTL. The
+/// TTL of `sadd`, `xadd` and `dev` keys only grows.
 const CAS_LUA: &str = r"
 local n = tonumber(ARGV[1])
 local a = 2
@@ -121,13 +163,102 @@ for j = 1, w do
     redis.call('SREM', k, x)
   elseif op == 'del' then
     redis.call('DEL', k)
+  elseif op == 'xadd' then
+    local sp = string.find(x, ' ', 1, true)
+    redis.call('XADD', k, 'MAXLEN', '~', 10000, '*',
+      'id', string.sub(x, 1, sp - 1), 'doc', string.sub(x, sp + 1))
+    if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
+  elseif op == 'dev' then
+    local sp = string.find(x, ' ', 1, true)
+    local at, m = string.sub(x, 1, sp - 1), string.sub(x, sp + 1)
+    local cur = redis.call('ZSCORE', k, m)
+    if not cur or tonumber(cur) < tonumber(at) then redis.call('ZADD', k, at, m) end
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. string.format('%d', tonumber(at) - ttl))
+    if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
   end
 end
 return 1
 ";
 
-/// Compare-and-set of the keyring hash. ARGV: the expected version (`''` for none), the document.
-const KEYRING_LUA: &str = r"
+/// Appends events to the global stream and, those to deliver, to the outbox. KEYS: the global
+/// stream, the outbox ids, the outbox documents. ARGV: per event its id, JSON and `1` to deliver.
+const PUBLISH_LUA: &str = r"
+for i = 1, #ARGV, 3 do
+  redis.call('XADD', KEYS[1], '*', 'id', ARGV[i], 'doc', ARGV[i + 1])
+  if ARGV[i + 2] == '1' then
+    redis.call('ZADD', KEYS[2], 0, ARGV[i])
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+";
+
+/// Takes events out of the outbox and stores deliveries, atomically. KEYS: the outbox ids, the
+/// outbox documents, the deliveries hash, the due set, the finished set, then the webhooks'
+/// indexes. ARGV: the number of events, their ids, then per delivery: id, JSON, index of its
+/// webhook's key, state, next attempt (ms, `''` for none), last change (ms).
+const DELIVERIES_LUA: &str = r"
+local n = tonumber(ARGV[1])
+local a = 2
+for i = 1, n do
+  redis.call('ZREM', KEYS[1], ARGV[a])
+  redis.call('HDEL', KEYS[2], ARGV[a])
+  a = a + 1
+end
+while a <= #ARGV do
+  local id, doc, w, state, nxt, upd =
+    ARGV[a], ARGV[a + 1], KEYS[tonumber(ARGV[a + 2])], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  a = a + 6
+  redis.call('HSET', KEYS[3], id, doc)
+  redis.call('ZADD', w, 0, id)
+  if state == 'pending' and nxt ~= '' then
+    redis.call('ZADD', KEYS[4], nxt, id)
+  else
+    redis.call('ZREM', KEYS[4], id)
+  end
+  if state == 'pending' then
+    redis.call('ZREM', KEYS[5], id)
+  else
+    redis.call('ZADD', KEYS[5], upd, id)
+  end
+end
+return 1
+";
+
+/// Deletes finished deliveries that have not changed since before the cutoff. KEYS: the
+/// deliveries hash, the finished set, then the webhooks' indexes. ARGV: the cutoff (ms), then
+/// per delivery its id and the index of its webhook's key (`0` if unknown). Answers how many.
+const PURGE_DELIVERIES_LUA: &str = r"
+local cutoff = tonumber(ARGV[1])
+local n = 0
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  local s = redis.call('ZSCORE', KEYS[2], id)
+  if s and tonumber(s) < cutoff then
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    local w = tonumber(ARGV[i + 1])
+    if w > 0 then redis.call('ZREM', KEYS[w], id) end
+    n = n + 1
+  end
+end
+return n
+";
+
+/// Drops outbox entries whose id is below a bound (event ids begin with their time). KEYS: the
+/// outbox ids, the outbox documents. ARGV: the exclusive bound, the most to drop. Answers how
+/// many.
+const PURGE_OUTBOX_LUA: &str = r"
+local ids = redis.call('ZRANGEBYLEX', KEYS[1], '-', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+end
+return #ids
+";
+
+/// Compare-and-set of a document hash. ARGV: the expected version (`''` for none), the document.
+const DOC_LUA: &str = r"
 local v = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
   if v then return 0 end
@@ -201,7 +332,11 @@ struct Inner {
     pending: Mutex<HashMap<SessionHandle, Pending>>,
     cas: Script,
     touch: Script,
-    keyring: Script,
+    doc: Script,
+    publish: Script,
+    deliveries: Script,
+    purge_deliveries: Script,
+    purge_outbox: Script,
 }
 
 #[derive(Debug, Clone)]
@@ -254,7 +389,59 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The hash-slot tag of a user: a digest, so that any user id makes a valid tag.
 fn tag(user: &UserId) -> String {
-    hex(&Sha256::digest(user.as_str().as_bytes())[..12])
+    tag_of(user.as_str())
+}
+
+fn tag_of(user: &str) -> String {
+    hex(&Sha256::digest(user.as_bytes())[..12])
+}
+
+/// A document's name: 1 to 64 of lowercase letters, digits, `_` and `-`.
+fn check_doc_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(format!(
+            "invalid document name {name:?}: 1 to 64 of a-z 0-9 _ -"
+        )))
+    }
+}
+
+/// An entry of an event stream: its stream id and the event.
+type StreamEntry = (String, Vec<String>);
+
+/// The event of a stream entry (fields `id` and `doc`).
+fn entry_event(fields: &[String]) -> Result<api::Event, StoreError> {
+    let doc = fields
+        .chunks(2)
+        .find(|kv| kv.first().is_some_and(|k| k == "doc"))
+        .and_then(|kv| kv.get(1))
+        .ok_or_else(|| StoreError::Backend("stored event without a document".into()))?;
+    serde_json::from_str(doc).map_err(|e| StoreError::Backend(format!("stored event: {e}")))
+}
+
+/// The stream id just before `id` (`MS-SEQ`), for an exclusive range; `None` before `0-0`.
+fn stream_id_before(id: &str) -> Option<String> {
+    let (ms, seq) = id.split_once('-')?;
+    let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
+    match (ms, seq) {
+        (0, 0) => None,
+        (ms, 0) => Some(format!("{}-{}", ms - 1, u64::MAX)),
+        (ms, seq) => Some(format!("{ms}-{}", seq - 1)),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+fn parse_doc<T: serde::de::DeserializeOwned>(what: &str, doc: &str) -> Result<T, StoreError> {
+    serde_json::from_str(doc).map_err(|e| StoreError::Backend(format!("stored {what}: {e}")))
 }
 
 fn ms(d: Duration) -> i64 {
@@ -268,6 +455,9 @@ struct Loaded {
     row_text: String,
     session: StoredSession,
 }
+
+/// Sessions a change ended: handle and end time (ms), for the sweeper's sets.
+type Ended = Vec<(String, i64)>;
 
 /// One atomic change in a user's slot.
 #[derive(Default)]
@@ -304,6 +494,18 @@ impl Cas {
     fn write(&mut self, op: &str, k: String, value: String, ttl: i64) {
         let i = self.key(k);
         self.writes.push((op.to_owned(), i, value, ttl.max(1000)));
+    }
+
+    /// Appends events to a user's stream, keeping it at least `ttl` ms.
+    fn events(&mut self, k: &str, events: &[Event], ttl: i64) {
+        for e in events {
+            self.write(
+                "xadd",
+                k.to_owned(),
+                format!("{} {}", e.id, e.to_json()),
+                ttl,
+            );
+        }
     }
 }
 
@@ -373,7 +575,11 @@ impl RedisStore {
             pending: Mutex::new(HashMap::new()),
             cas: Script::new(CAS_LUA),
             touch: Script::new(TOUCH_LUA),
-            keyring: Script::new(KEYRING_LUA),
+            doc: Script::new(DOC_LUA),
+            publish: Script::new(PUBLISH_LUA),
+            deliveries: Script::new(DELIVERIES_LUA),
+            purge_deliveries: Script::new(PURGE_DELIVERIES_LUA),
+            purge_outbox: Script::new(PURGE_OUTBOX_LUA),
         });
         tokio::spawn(flush_loop(Arc::downgrade(&inner), opts.flush_interval));
         Ok(Self { inner })
@@ -399,8 +605,31 @@ impl RedisStore {
         format!("{}:h:{handle}", self.inner.prefix)
     }
 
-    fn keyring_key(&self) -> String {
-        format!("{}:keyring", self.inner.prefix)
+    fn user_events_key(&self, tag: &str) -> String {
+        format!("{}:{{u:{tag}}}:ev", self.inner.prefix)
+    }
+
+    fn devices_key(&self, tag: &str) -> String {
+        format!("{}:{{u:{tag}}}:dev", self.inner.prefix)
+    }
+
+    /// A global event or webhook key: all share the hash tag `{ev}`.
+    fn ev_key(&self, name: &str) -> String {
+        format!("{}:{{ev}}:{name}", self.inner.prefix)
+    }
+
+    fn webhook_key(&self, webhook: &str) -> String {
+        format!("{}:{{ev}}:w:{webhook}", self.inner.prefix)
+    }
+
+    /// The key of a named document; the keyring keeps its historical key.
+    fn doc_key(&self, name: &str) -> Result<String, StoreError> {
+        check_doc_name(name)?;
+        Ok(if name == "keyring" {
+            format!("{}:keyring", self.inner.prefix)
+        } else {
+            format!("{}:doc:{name}", self.inner.prefix)
+        })
     }
 
     fn policy_key(&self, tenant: &str) -> String {
@@ -587,7 +816,8 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Revokes, in one atomic change, the given live sessions of one user.
+    /// Revokes, in one atomic change, the given live sessions of one user, recording a
+    /// `session.revoked` each. Answers the ended sessions (for the sweeper) and the events.
     fn revoke_writes(
         &self,
         cas: &mut Cas,
@@ -595,8 +825,10 @@ impl RedisStore {
         reason: &str,
         now: Timestamp,
         policy_of: &HashMap<String, Arc<Policy>>,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
+        audit: &Audit,
+    ) -> Result<(Ended, Vec<Event>), StoreError> {
         let mut ended = Vec::new();
+        let mut events = Vec::new();
         for v in victims {
             let mut rec = (*v.session.record).clone();
             rec.last_seen_at = v.session.last_seen_at;
@@ -616,8 +848,253 @@ impl RedisStore {
                 ttl,
             );
             ended.push((rec.handle.to_string(), now.as_millis()));
+            events.push(audit.session_event(EventKind::SessionRevoked, now, &rec, Some(reason)));
         }
-        Ok(ended)
+        if let Some(v) = victims.first() {
+            let key = self.user_events_key(&v.tag);
+            cas.events(&key, &events, self.inner.retention_ms);
+        }
+        Ok((ended, events))
+    }
+
+    /// Appends events to the global stream, and those to deliver to the outbox.
+    async fn publish(&self, c: &mut Conn, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.inner.publish.prepare_invoke();
+        inv.key(self.ev_key("all"))
+            .key(self.ev_key("pending"))
+            .key(self.ev_key("pending:doc"));
+        for e in events {
+            inv.arg(&e.id).arg(e.to_json()).arg(u8::from(e.deliver));
+        }
+        let _: i64 = inv.invoke_async(c).await.map_err(err)?;
+        Ok(())
+    }
+
+    /// After a change committed with its events in the user's stream: reports the events to
+    /// the operation and appends them to the global stream (and the outbox).
+    async fn after_commit(
+        &self,
+        c: &mut Conn,
+        audit: &Audit,
+        events: Vec<Event>,
+    ) -> Result<(), StoreError> {
+        let published = self.publish(c, &events).await;
+        audit.committed(events);
+        published
+    }
+
+    /// Events of one stream matching the query, newest first, reading from the newest entry.
+    async fn read_events(
+        &self,
+        c: &mut Conn,
+        key: &str,
+        q: &EventQuery,
+    ) -> Result<Vec<api::Event>, StoreError> {
+        let want = q.limit.min(MAX_LIMIT);
+        let mut out = Vec::new();
+        let mut end = "+".to_owned();
+        while out.len() < want {
+            let page: Vec<StreamEntry> = redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg(&end)
+                .arg("-")
+                .arg("COUNT")
+                .arg(EVENT_PAGE)
+                .query_async(c)
+                .await
+                .map_err(err)?;
+            let mut found = Vec::new();
+            for (_, fields) in &page {
+                let e = entry_event(fields)?;
+                if q.matches(&e) {
+                    found.push(e);
+                }
+            }
+            // Append order is id order for events of one node; across nodes, nearly so.
+            found.sort_by(|a, b| b.id.cmp(&a.id));
+            out.extend(found);
+            match page.last().and_then(|(id, _)| stream_id_before(id)) {
+                Some(before) if page.len() == EVENT_PAGE => end = before,
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        out.truncate(want);
+        Ok(out)
+    }
+
+    /// Deletes a stream's entries of events older than `before`, from the oldest up to the
+    /// first newer one. Answers how many, and the users of the deleted events.
+    async fn trim_events(
+        &self,
+        c: &mut Conn,
+        key: &str,
+        before: Timestamp,
+    ) -> Result<(u64, BTreeSet<String>), StoreError> {
+        let mut n = 0;
+        let mut users = BTreeSet::new();
+        loop {
+            let page: Vec<StreamEntry> = redis::cmd("XRANGE")
+                .arg(key)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(EVENT_PAGE)
+                .query_async(c)
+                .await
+                .map_err(err)?;
+            let mut old = Vec::new();
+            let mut more = page.len() == EVENT_PAGE;
+            for (id, fields) in &page {
+                let e = entry_event(fields)?;
+                if Timestamp::from_datetime(e.time) >= before {
+                    more = false;
+                    break;
+                }
+                old.push(id);
+                users.extend(e.user_id);
+            }
+            if old.is_empty() {
+                break;
+            }
+            let deleted: u64 = redis::cmd("XDEL")
+                .arg(key)
+                .arg(&old)
+                .query_async(c)
+                .await
+                .map_err(err)?;
+            n += deleted;
+            if !more {
+                break;
+            }
+        }
+        Ok((n, users))
+    }
+
+    /// Stores deliveries and takes events out of the outbox, in one script.
+    async fn put_deliveries(
+        &self,
+        events: &[String],
+        deliveries: &[api::Delivery],
+    ) -> Result<(), StoreError> {
+        let mut keys = vec![
+            self.ev_key("pending"),
+            self.ev_key("pending:doc"),
+            self.ev_key("d"),
+            self.ev_key("due"),
+            self.ev_key("fin"),
+        ];
+        let mut args: Vec<String> = vec![events.len().to_string()];
+        args.extend(events.iter().cloned());
+        for d in deliveries {
+            let w = self.webhook_key(&d.webhook);
+            let i = match keys.iter().position(|k| k == &w) {
+                Some(i) => i + 1,
+                None => {
+                    keys.push(w);
+                    keys.len()
+                }
+            };
+            args.push(d.id.clone());
+            args.push(json(d)?);
+            args.push(i.to_string());
+            args.push(d.state.as_str().to_owned());
+            args.push(
+                d.next_attempt_at
+                    .map(|t| t.timestamp_millis().to_string())
+                    .unwrap_or_default(),
+            );
+            args.push(d.updated_at.timestamp_millis().to_string());
+        }
+        let mut c = self.conn().await?;
+        let mut inv = self.inner.deliveries.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        for a in &args {
+            inv.arg(a);
+        }
+        let _: i64 = inv.invoke_async(&mut c).await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Deliveries by id, in the order given; missing ones are skipped.
+    async fn load_deliveries(
+        &self,
+        c: &mut Conn,
+        ids: &[String],
+    ) -> Result<Vec<api::Delivery>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let docs: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.ev_key("d"))
+            .arg(ids)
+            .query_async(c)
+            .await
+            .map_err(err)?;
+        docs.iter()
+            .flatten()
+            .map(|d| parse_doc("delivery", d))
+            .collect()
+    }
+
+    /// Deletes finished deliveries last changed before `before`.
+    async fn purge_deliveries(&self, c: &mut Conn, before: Timestamp) -> Result<u64, StoreError> {
+        let mut n = 0;
+        loop {
+            let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.ev_key("fin"))
+                .arg("-inf")
+                .arg(format!("({}", before.as_millis()))
+                .arg("LIMIT")
+                .arg(0)
+                .arg(DELIVERY_PAGE)
+                .query_async(c)
+                .await
+                .map_err(err)?;
+            if ids.is_empty() {
+                break;
+            }
+            let docs: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(self.ev_key("d"))
+                .arg(&ids)
+                .query_async(c)
+                .await
+                .map_err(err)?;
+            let mut keys = vec![self.ev_key("d"), self.ev_key("fin")];
+            let mut inv = self.inner.purge_deliveries.prepare_invoke();
+            inv.arg(before.as_millis());
+            for (id, doc) in ids.iter().zip(&docs) {
+                let webhook = match doc {
+                    Some(d) => Some(parse_doc::<api::Delivery>("delivery", d)?.webhook),
+                    None => None,
+                };
+                let i = match webhook.map(|w| self.webhook_key(&w)) {
+                    None => 0,
+                    Some(w) => match keys.iter().position(|k| k == &w) {
+                        Some(i) => i + 1,
+                        None => {
+                            keys.push(w);
+                            keys.len()
+                        }
+                    },
+                };
+                inv.arg(id).arg(i);
+            }
+            for k in &keys {
+                inv.key(k);
+            }
+            let deleted: u64 = inv.invoke_async(c).await.map_err(err)?;
+            n += deleted;
+            if ids.len() < DELIVERY_PAGE || deleted == 0 {
+                break;
+            }
+        }
+        Ok(n)
     }
 
     async fn flush_pending(&self) -> Result<(), StoreError> {
@@ -738,6 +1215,7 @@ impl SessionStore for RedisStore {
         &self,
         record: SessionRecord,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<InsertOutcome, StoreError> {
         let mut c = self.conn().await?;
         let tag = tag(&record.user_id);
@@ -759,6 +1237,9 @@ impl SessionStore for RedisStore {
         let row = Self::row_json(&record)?;
         let mut policies = HashMap::new();
         policies.insert(record.tenant.as_str().to_owned(), policy.clone());
+        let device = device_id(&record).map(|d| format!("{} {d}", record.tenant.as_str()));
+        let (events_key, devices_key) = (self.user_events_key(&tag), self.devices_key(&tag));
+        let retention = self.inner.retention_ms;
         for attempt in 0..CAS_ATTEMPTS {
             if attempt > 0 {
                 backoff(attempt).await;
@@ -766,6 +1247,7 @@ impl SessionStore for RedisStore {
             let mut cas = Cas::default();
             let mut evicted = Vec::new();
             let mut ended = Vec::new();
+            let mut events = Vec::new();
             if let Some(max) = policy.max_sessions_per_user() {
                 let (members, loaded) = self.load_user(&mut c, &tag).await?;
                 let active: Vec<&Loaded> = loaded
@@ -802,11 +1284,35 @@ impl SessionStore for RedisStore {
                         &v.row_text,
                     );
                 }
-                ended = self.revoke_writes(&mut cas, &victims, "limit_evicted", now, &policies)?;
+                (ended, events) =
+                    self.revoke_writes(&mut cas, &victims, "limit_evicted", now, &policies, audit)?;
             }
+            // Read before the change, not in it: two sessions created at once from the same
+            // new device can both count as new, which only repeats a notice.
+            let new_device = match &device {
+                None => None,
+                Some(member) => {
+                    let seen: Option<f64> = redis::cmd("ZSCORE")
+                        .arg(&devices_key)
+                        .arg(member)
+                        .query_async(&mut c)
+                        .await
+                        .map_err(err)?;
+                    let cutoff = now.as_millis().saturating_sub(retention);
+                    Some(seen.is_none_or(|at| at < cutoff as f64))
+                }
+            };
             cas.write("row", self.rec_key(&tag, &handle), row.clone(), ttl);
             cas.write("sadd", self.idx_key(&tag), handle.clone(), ttl);
+            if let Some(member) = &device {
+                let value = format!("{} {member}", now.as_millis());
+                cas.write("dev", devices_key.clone(), value, retention);
+            }
+            let created = audit.created(&record, new_device);
+            cas.events(&events_key, std::slice::from_ref(&created), retention);
+            events.push(created);
             if self.apply(&mut c, &cas).await? {
+                self.after_commit(&mut c, audit, events).await?;
                 let due = Self::due(&record, record.last_seen_at, &policy);
                 let _: i64 = redis::cmd("ZADD")
                     .arg(self.sweep_key())
@@ -902,6 +1408,7 @@ impl SessionStore for RedisStore {
         handle: &SessionHandle,
         change: &Rekey,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<RotateOutcome, StoreError> {
         let mut c = self.conn().await?;
         for attempt in 0..CAS_ATTEMPTS {
@@ -935,7 +1442,14 @@ impl SessionStore for RedisStore {
             let key = self.rec_key(&l.tag, handle.as_str());
             cas.check_row(key.clone(), &l.row_text);
             cas.write("row", key, Self::row_json(&new)?, ttl);
+            let event = audit.session_event(change.event, now, &new, None);
+            cas.events(
+                &self.user_events_key(&l.tag),
+                std::slice::from_ref(&event),
+                self.inner.retention_ms,
+            );
             if self.apply(&mut c, &cas).await? {
+                self.after_commit(&mut c, audit, vec![event]).await?;
                 if rekeyed {
                     let _: i64 = redis::cmd("DEL")
                         .arg(self.tok_key(&old_hash))
@@ -961,6 +1475,7 @@ impl SessionStore for RedisStore {
         handle: &SessionHandle,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Option<RevokeOutcome>, StoreError> {
         let mut c = self.conn().await?;
         for attempt in 0..CAS_ATTEMPTS {
@@ -985,8 +1500,10 @@ impl SessionStore for RedisStore {
             cas.check_row(self.rec_key(&l.tag, handle.as_str()), &l.row_text);
             let mut policies = HashMap::new();
             policies.insert(l.session.record.tenant.as_str().to_owned(), policy);
-            let ended = self.revoke_writes(&mut cas, &[&l], reason, now, &policies)?;
+            let (ended, events) =
+                self.revoke_writes(&mut cas, &[&l], reason, now, &policies, audit)?;
             if self.apply(&mut c, &cas).await? {
+                self.after_commit(&mut c, audit, events).await?;
                 self.ended(&mut c, &ended).await?;
                 let mut rec = (*l.session.record).clone();
                 rec.last_seen_at = l.session.last_seen_at;
@@ -1010,6 +1527,7 @@ impl SessionStore for RedisStore {
         except: Option<&SessionHandle>,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Vec<SessionHandle>, StoreError> {
         let mut c = self.conn().await?;
         let tag = tag(user_id);
@@ -1048,8 +1566,10 @@ impl SessionStore for RedisStore {
                     &v.row_text,
                 );
             }
-            let ended = self.revoke_writes(&mut cas, &victims, reason, now, &policies)?;
+            let (ended, events) =
+                self.revoke_writes(&mut cas, &victims, reason, now, &policies, audit)?;
             if self.apply(&mut c, &cas).await? {
+                self.after_commit(&mut c, audit, events).await?;
                 self.ended(&mut c, &ended).await?;
                 return Ok(victims
                     .iter()
@@ -1152,7 +1672,13 @@ impl SessionStore for RedisStore {
         self.policy_conn(&mut c, tenant.as_str()).await
     }
 
-    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError> {
+    async fn put_policy(
+        &self,
+        tenant: &TenantId,
+        policy: Policy,
+        now: Timestamp,
+        audit: &Audit,
+    ) -> Result<(), StoreError> {
         let doc = serde_json::to_string(policy.document())
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let mut c = self.conn().await?;
@@ -1162,10 +1688,19 @@ impl SessionStore for RedisStore {
             .query_async(&mut c)
             .await
             .map_err(err)?;
+        // The policy key and the event keys are in different slots: written one after the other.
+        let event = audit.event(EventKind::PolicyUpdated, now, tenant);
+        self.publish(&mut c, std::slice::from_ref(&event)).await?;
+        audit.committed([event]);
         Ok(())
     }
 
-    async fn sweep(&self, now: Timestamp, retention_s: u64) -> Result<SweepReport, StoreError> {
+    async fn sweep(
+        &self,
+        now: Timestamp,
+        retention_s: u64,
+        audit: &Audit,
+    ) -> Result<SweepReport, StoreError> {
         self.flush_pending().await?;
         let mut c = self.conn().await?;
         let mut report = SweepReport::default();
@@ -1222,7 +1757,14 @@ impl SessionStore for RedisStore {
                         Self::row_json(&new)?,
                         self.ttl(&new, &policy, now),
                     );
+                    let event = audit.session_event(EventKind::SessionExpired, at, &new, None);
+                    cas.events(
+                        &self.user_events_key(&l.tag),
+                        std::slice::from_ref(&event),
+                        self.inner.retention_ms,
+                    );
                     if self.apply(&mut c, &cas).await? {
+                        self.after_commit(&mut c, audit, vec![event]).await?;
                         self.ended(&mut c, &[(h.clone(), at.as_millis())]).await?;
                         report.expired.push(ExpiredSession {
                             handle: new.handle,
@@ -1288,10 +1830,11 @@ impl SessionStore for RedisStore {
         Ok(())
     }
 
-    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
+    async fn document(&self, name: &str) -> Result<Option<(u64, String)>, StoreError> {
+        let key = self.doc_key(name)?;
         let mut c = self.conn().await?;
         let (v, doc): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-            .arg(self.keyring_key())
+            .arg(key)
             .arg("v")
             .arg("doc")
             .query_async(&mut c)
@@ -1300,13 +1843,186 @@ impl SessionStore for RedisStore {
         Ok(v.zip(doc))
     }
 
-    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
+    async fn put_document(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        doc: &str,
+    ) -> Result<bool, StoreError> {
+        let key = self.doc_key(name)?;
         let mut c = self.conn().await?;
-        let mut inv = self.inner.keyring.prepare_invoke();
-        inv.key(self.keyring_key())
+        let mut inv = self.inner.doc.prepare_invoke();
+        inv.key(key)
             .arg(expected.map(|v| v.to_string()).unwrap_or_default())
             .arg(doc);
         let applied: i64 = inv.invoke_async(&mut c).await.map_err(err)?;
         Ok(applied == 1)
+    }
+
+    async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        // A user's events go to the user's stream too, in one script per user.
+        let mut by_user: HashMap<String, Vec<Event>> = HashMap::new();
+        for e in events {
+            if let Some(u) = &e.user_id {
+                by_user.entry(tag(u)).or_default().push(e.clone());
+            }
+        }
+        for (tag, evs) in by_user {
+            let mut cas = Cas::default();
+            cas.events(&self.user_events_key(&tag), &evs, self.inner.retention_ms);
+            if !self.apply(&mut c, &cas).await? {
+                return Err(StoreError::Backend("appending events was refused".into()));
+            }
+        }
+        self.publish(&mut c, events).await
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Vec<api::Event>, StoreError> {
+        let key = match &query.user_id {
+            Some(u) => self.user_events_key(&tag(u)),
+            None => self.ev_key("all"),
+        };
+        let mut c = self.conn().await?;
+        self.read_events(&mut c, &key, query).await
+    }
+
+    async fn purge_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
+        let (mut n, users) = self
+            .trim_events(&mut c, &self.ev_key("all"), before)
+            .await?;
+        // The users' copies of the events just removed (the rest expires with the key's TTL).
+        for user in users {
+            self.trim_events(&mut c, &self.user_events_key(&tag_of(&user)), before)
+                .await?;
+        }
+        // Outbox entries of older events: event ids begin with their time in hex.
+        let bound = format!("{:012x}", before.as_millis().clamp(0, 0xffff_ffff_ffff));
+        loop {
+            let mut inv = self.inner.purge_outbox.prepare_invoke();
+            inv.key(self.ev_key("pending"))
+                .key(self.ev_key("pending:doc"))
+                .arg(&bound)
+                .arg(DELIVERY_PAGE);
+            let dropped: usize = inv.invoke_async(&mut c).await.map_err(err)?;
+            if dropped < DELIVERY_PAGE {
+                break;
+            }
+        }
+        n += self.purge_deliveries(&mut c, before).await?;
+        Ok(n)
+    }
+
+    async fn pending_events(&self, limit: usize) -> Result<Vec<api::Event>, StoreError> {
+        let limit = limit.min(MAX_LIMIT);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        // Score 0 for every member: ranks follow the ids.
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.ev_key("pending"))
+            .arg(0)
+            .arg(limit - 1)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let docs: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.ev_key("pending:doc"))
+            .arg(&ids)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        docs.iter()
+            .flatten()
+            .map(|d| parse_doc("event", d))
+            .collect()
+    }
+
+    async fn fan_out(
+        &self,
+        events: &[String],
+        deliveries: &[api::Delivery],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() && deliveries.is_empty() {
+            return Ok(());
+        }
+        self.put_deliveries(events, deliveries).await
+    }
+
+    async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<api::Delivery>, StoreError> {
+        let limit = limit.min(MAX_LIMIT);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        // Equal scores order by member: soonest first, then by id.
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.ev_key("due"))
+            .arg("-inf")
+            .arg(now.as_millis())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        let found = self.load_deliveries(&mut c, &ids).await?;
+        // A delivery changed between the two reads is left for the next round.
+        Ok(found
+            .into_iter()
+            .filter(|d| {
+                d.state == api::DeliveryState::Pending
+                    && d.next_attempt_at
+                        .is_some_and(|t| Timestamp::from_datetime(t) <= now)
+            })
+            .collect())
+    }
+
+    async fn put_delivery(&self, delivery: &api::Delivery) -> Result<(), StoreError> {
+        self.put_deliveries(&[], std::slice::from_ref(delivery))
+            .await
+    }
+
+    async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<api::Delivery>, StoreError> {
+        let want = query.limit.min(MAX_LIMIT);
+        let key = self.webhook_key(&query.webhook);
+        let mut c = self.conn().await?;
+        let mut out = Vec::new();
+        let mut max = match &query.before_id {
+            Some(b) => format!("({b}"),
+            None => "+".to_owned(),
+        };
+        while out.len() < want {
+            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
+                .arg(&key)
+                .arg(&max)
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(DELIVERY_PAGE)
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            let found = self.load_deliveries(&mut c, &ids).await?;
+            out.extend(found.into_iter().filter(|d| query.matches(d)));
+            match ids.last() {
+                Some(last) if ids.len() == DELIVERY_PAGE => max = format!("({last}"),
+                _ => break,
+            }
+        }
+        out.truncate(want);
+        Ok(out)
     }
 }

@@ -75,3 +75,68 @@ impl Drop for Pg {
 }
 
 sessiond_store::conformance_suite!(Pg::new());
+
+/// The change and its events commit together: when the event cannot be written, the change is
+/// undone too (and the other way round, nothing is recorded for a change that did not happen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_event_cannot_be_written_is_undone() {
+    use sessiond_store::conformance::{audit, record, t};
+    let pg = Pg::new();
+    let store = pg.open().await;
+    let pool = sqlx::PgPool::connect(&url()).await.unwrap();
+    let schema = &pg.schema;
+    let exec = |sql: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    exec(format!(
+        "CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN RAISE EXCEPTION 'events are down'; END $$"
+    ))
+    .await;
+    let break_events = format!(
+        "CREATE TRIGGER refuse BEFORE INSERT ON {schema}.events
+         FOR EACH ROW EXECUTE FUNCTION {schema}.refuse()"
+    );
+    let mend_events = format!("DROP TRIGGER refuse ON {schema}.events");
+
+    exec(break_events.clone()).await;
+    let (a, _) = record("zed", "default", t(0));
+    assert!(store.insert(a.clone(), t(0), &audit()).await.is_err());
+    assert!(
+        store.find_by_handle(&a.handle).await.unwrap().is_none(),
+        "no session without its session.created"
+    );
+
+    exec(mend_events.clone()).await;
+    store.insert(a.clone(), t(0), &audit()).await.unwrap();
+    exec(break_events).await;
+    assert!(
+        store
+            .revoke(&a.handle, "logout", t(1), &audit())
+            .await
+            .is_err()
+    );
+    let s = store.find_by_handle(&a.handle).await.unwrap().unwrap();
+    assert_eq!(
+        s.record.state,
+        sessiond_core::session::StoredState::Active,
+        "no revocation without its session.revoked"
+    );
+    exec(mend_events).await;
+    let events = store
+        .events(&sessiond_core::store::EventQuery {
+            handle: Some(a.handle.clone()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, vec!["session.created"]);
+}

@@ -8,7 +8,7 @@ use sessiond_core::CoreError;
 use sessiond_core::api::{
     AuthInput, CreateSessionRequest, PolicyDocument, Requirements, SessionStatus, VerifyRequest,
 };
-use sessiond_core::events::{EventKind, MemorySink};
+use sessiond_core::events::{Audit, EventKind, MemorySink};
 use sessiond_core::service::{ServiceConfig, SessionService, StatusFilter};
 use sessiond_core::time::{Clock, ManualClock, Timestamp};
 use sessiond_store::{EmbeddedOptions, EmbeddedStore};
@@ -57,7 +57,7 @@ fn verify_req(token: &str) -> VerifyRequest {
 
 async fn login(f: &Fixture, user: &str) -> String {
     f.svc
-        .create(&create_req(user))
+        .create(&create_req(user), &Audit::default())
         .await
         .unwrap()
         .token
@@ -107,7 +107,7 @@ async fn remember_me_sessions_use_their_own_timeouts() {
         remember_me: true,
         ..create_req("u")
     };
-    let issued = f.svc.create(&req).await.unwrap();
+    let issued = f.svc.create(&req, &Audit::default()).await.unwrap();
     assert!(issued.set_cookie.ends_with("; Max-Age=2592000"));
     let t = issued.token.expose().to_owned();
     f.clock.advance_secs(7 * 24 * 3600);
@@ -125,16 +125,20 @@ async fn remember_me_sessions_use_their_own_timeouts() {
 #[tokio::test]
 async fn rotation_kills_the_old_token_at_once_and_keeps_the_handle() {
     let f = fixture();
-    let issued = f.svc.create(&create_req("u")).await.unwrap();
+    let issued = f
+        .svc
+        .create(&create_req("u"), &Audit::default())
+        .await
+        .unwrap();
     let old = issued.token.expose().to_owned();
-    let rotated = f.svc.rotate(&old).await.unwrap();
+    let rotated = f.svc.rotate(&old, &Audit::default()).await.unwrap();
     assert_eq!(rotated.session.handle, issued.session.handle);
     assert!(matches!(
         f.svc.verify(&verify_req(&old)).await,
         Err(CoreError::SessionUnknown)
     ));
     assert!(matches!(
-        f.svc.rotate(&old).await,
+        f.svc.rotate(&old, &Audit::default()).await,
         Err(CoreError::SessionUnknown)
     ));
     assert!(
@@ -173,7 +177,11 @@ async fn step_up_requirements_and_reauthentication() {
         aal: Some(2),
         authenticated_at: None,
     };
-    let stepped = f.svc.reauthenticate(&t, &auth).await.unwrap();
+    let stepped = f
+        .svc
+        .reauthenticate(&t, &auth, &Audit::default())
+        .await
+        .unwrap();
     let t2 = stepped.token.expose().to_owned();
     assert_eq!(stepped.session.auth.aal, 2);
     assert!(f.svc.verify(&req(&t2, Some(300), Some(2))).await.is_ok());
@@ -186,10 +194,18 @@ async fn step_up_requirements_and_reauthentication() {
 #[tokio::test]
 async fn logout_and_revoke_and_force_logout() {
     let f = fixture();
-    let a = f.svc.create(&create_req("u")).await.unwrap();
+    let a = f
+        .svc
+        .create(&create_req("u"), &Audit::default())
+        .await
+        .unwrap();
     let b = login(&f, "u").await;
     let c = login(&f, "u").await;
-    let (s, clear) = f.svc.logout(a.token.expose()).await.unwrap();
+    let (s, clear) = f
+        .svc
+        .logout(a.token.expose(), &Audit::default())
+        .await
+        .unwrap();
     assert_eq!(s.status, SessionStatus::Revoked);
     assert!(clear.contains("Max-Age=0"));
     assert!(matches!(
@@ -200,7 +216,7 @@ async fn logout_and_revoke_and_force_logout() {
     let c_handle = f.svc.verify(&verify_req(&c)).await.unwrap().handle;
     assert_eq!(
         f.svc
-            .force_logout("u", None, Some(&c_handle))
+            .force_logout("u", None, Some(&c_handle), &Audit::default())
             .await
             .unwrap(),
         1
@@ -210,7 +226,11 @@ async fn logout_and_revoke_and_force_logout() {
         Err(CoreError::SessionRevoked)
     ));
     assert!(f.svc.verify(&verify_req(&c)).await.is_ok());
-    let revoked = f.svc.revoke(&c_handle, Some("admin")).await.unwrap();
+    let revoked = f
+        .svc
+        .revoke(&c_handle, Some("admin"), &Audit::default())
+        .await
+        .unwrap();
     assert_eq!(revoked.revoked_reason.as_deref(), Some("admin"));
     let kinds: Vec<(EventKind, Option<String>)> = f
         .events
@@ -238,7 +258,10 @@ async fn limits_evict_the_least_recently_used_with_an_event() {
         max_sessions_per_user: Some(2),
         ..PolicyDocument::default()
     };
-    f.svc.put_policy("default", doc).await.unwrap();
+    f.svc
+        .put_policy("default", doc, &Audit::default())
+        .await
+        .unwrap();
     let a = login(&f, "u").await;
     f.clock.advance_secs(1);
     let b = login(&f, "u").await;
@@ -278,7 +301,10 @@ async fn policy_changes_apply_at_the_next_verify() {
         idle_timeout_s: 300,
         ..PolicyDocument::default()
     };
-    f.svc.put_policy("default", doc).await.unwrap();
+    f.svc
+        .put_policy("default", doc, &Audit::default())
+        .await
+        .unwrap();
     assert!(matches!(
         f.svc.verify(&verify_req(&t)).await,
         Err(CoreError::SessionExpired)
@@ -330,7 +356,7 @@ async fn authenticated_at_in_the_future_is_refused_and_in_the_past_is_kept() {
         ..create_req("u")
     };
     assert!(matches!(
-        f.svc.create(&future).await,
+        f.svc.create(&future, &Audit::default()).await,
         Err(CoreError::InvalidRequest(_))
     ));
     let past = CreateSessionRequest {
@@ -340,7 +366,12 @@ async fn authenticated_at_in_the_future_is_refused_and_in_the_past_is_kept() {
         }),
         ..create_req("u")
     };
-    let s = f.svc.create(&past).await.unwrap().session;
+    let s = f
+        .svc
+        .create(&past, &Audit::default())
+        .await
+        .unwrap()
+        .session;
     assert_eq!(s.auth.authenticated_at, now - chrono::Duration::hours(1));
 }
 
@@ -386,7 +417,7 @@ mod tokens {
             ServiceConfig::default(),
         )
         .with_keys(keys.clone());
-        svc.put_policy("default", tokens_policy(|_| ()))
+        svc.put_policy("default", tokens_policy(|_| ()), &Audit::default())
             .await
             .unwrap();
         TokenFixture {
@@ -421,11 +452,14 @@ mod tokens {
         claims.insert("role".into(), "editor".into());
         let issued =
             t.f.svc
-                .create(&CreateSessionRequest {
-                    user_id: user.into(),
-                    access_token_claims: Some(claims),
-                    ..Default::default()
-                })
+                .create(
+                    &CreateSessionRequest {
+                        user_id: user.into(),
+                        access_token_claims: Some(claims),
+                        ..Default::default()
+                    },
+                    &Audit::default(),
+                )
                 .await
                 .unwrap();
         Pair {
@@ -477,6 +511,7 @@ mod tokens {
             .put_policy(
                 "default",
                 tokens_policy(|x| x.issuer = "https://other".into()),
+                &Audit::default(),
             )
             .await
             .unwrap();
@@ -485,7 +520,11 @@ mod tokens {
             Err(CoreError::TokenInvalid(m)) if m.contains("issuer")
         ));
         t.f.svc
-            .put_policy("default", tokens_policy(|x| x.audience = "web".into()))
+            .put_policy(
+                "default",
+                tokens_policy(|x| x.audience = "web".into()),
+                &Audit::default(),
+            )
             .await
             .unwrap();
         assert!(matches!(
@@ -493,10 +532,13 @@ mod tokens {
             Err(CoreError::TokenInvalid(m)) if m.contains("audience")
         ));
         t.f.svc
-            .put_policy("default", tokens_policy(|_| ()))
+            .put_policy("default", tokens_policy(|_| ()), &Audit::default())
             .await
             .unwrap();
-        t.f.svc.revoke(&p.handle, None).await.unwrap();
+        t.f.svc
+            .revoke(&p.handle, None, &Audit::default())
+            .await
+            .unwrap();
         assert!(matches!(
             t.f.svc.verify(&access_req(&p.access)).await,
             Err(CoreError::SessionRevoked)
@@ -525,6 +567,7 @@ mod tokens {
                     absolute_timeout_s: 120,
                     ..tokens_policy(|x| x.access_token_ttl_s = 3600)
                 },
+                &Audit::default(),
             )
             .await
             .unwrap();
@@ -538,7 +581,11 @@ mod tokens {
         let t = fixture(SigningAlg::EdDSA).await;
         let p = login(&t, "carol").await;
         t.f.clock.advance_secs(1000);
-        let r1 = t.f.svc.refresh(&p.refresh).await.unwrap();
+        let r1 =
+            t.f.svc
+                .refresh(&p.refresh, &Audit::default())
+                .await
+                .unwrap();
         assert_ne!(r1.refresh_token.expose(), p.refresh);
         assert_ne!(r1.access_token, p.access);
         // The idle expiry slid to the refresh.
@@ -548,11 +595,19 @@ mod tokens {
         );
         // A second tab presenting the same token within the grace period gets the same pair.
         t.f.clock.advance_secs(5);
-        let r2 = t.f.svc.refresh(&p.refresh).await.unwrap();
+        let r2 =
+            t.f.svc
+                .refresh(&p.refresh, &Audit::default())
+                .await
+                .unwrap();
         assert_eq!(r2.refresh_token.expose(), r1.refresh_token.expose());
         assert_eq!(r2.access_token, r1.access_token);
         // The new refresh token works and is itself spent by use.
-        let r3 = t.f.svc.refresh(r1.refresh_token.expose()).await.unwrap();
+        let r3 =
+            t.f.svc
+                .refresh(r1.refresh_token.expose(), &Audit::default())
+                .await
+                .unwrap();
         assert!(t.f.svc.verify(&access_req(&r3.access_token)).await.is_ok());
         assert!(
             t.f.events
@@ -568,10 +623,15 @@ mod tokens {
         forged.pop();
         forged.push(if forged.ends_with('A') { 'B' } else { 'A' });
         assert!(matches!(
-            t.f.svc.refresh(&forged).await,
+            t.f.svc.refresh(&forged, &Audit::default()).await,
             Err(CoreError::SessionUnknown)
         ));
-        assert!(t.f.svc.refresh(r3.refresh_token.expose()).await.is_ok());
+        assert!(
+            t.f.svc
+                .refresh(r3.refresh_token.expose(), &Audit::default())
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test]
@@ -579,10 +639,14 @@ mod tokens {
         let t = fixture(SigningAlg::EdDSA).await;
         let p = login(&t, "dave").await;
         // The legitimate client refreshes; the thief holds the old refresh token.
-        let legit = t.f.svc.refresh(&p.refresh).await.unwrap();
+        let legit =
+            t.f.svc
+                .refresh(&p.refresh, &Audit::default())
+                .await
+                .unwrap();
         t.f.clock.advance_secs(11);
         assert!(matches!(
-            t.f.svc.refresh(&p.refresh).await,
+            t.f.svc.refresh(&p.refresh, &Audit::default()).await,
             Err(CoreError::TokenReused)
         ));
         let s = t.f.svc.get(&p.handle).await.unwrap();
@@ -593,7 +657,9 @@ mod tokens {
         }));
         // Neither party can go on.
         assert!(matches!(
-            t.f.svc.refresh(legit.refresh_token.expose()).await,
+            t.f.svc
+                .refresh(legit.refresh_token.expose(), &Audit::default())
+                .await,
             Err(CoreError::SessionRevoked)
         ));
         assert!(matches!(
@@ -608,17 +674,20 @@ mod tokens {
         let p = login(&t, "erin").await;
         t.f.clock.advance_secs(1800);
         assert!(matches!(
-            t.f.svc.refresh(&p.refresh).await,
+            t.f.svc.refresh(&p.refresh, &Audit::default()).await,
             Err(CoreError::SessionExpired)
         ));
         let p = login(&t, "erin").await;
-        t.f.svc.revoke(&p.handle, None).await.unwrap();
+        t.f.svc
+            .revoke(&p.handle, None, &Audit::default())
+            .await
+            .unwrap();
         assert!(matches!(
-            t.f.svc.refresh(&p.refresh).await,
+            t.f.svc.refresh(&p.refresh, &Audit::default()).await,
             Err(CoreError::SessionRevoked)
         ));
         assert!(matches!(
-            t.f.svc.refresh("sdr_garbage").await,
+            t.f.svc.refresh("sdr_garbage", &Audit::default()).await,
             Err(CoreError::SessionUnknown)
         ));
     }
@@ -634,7 +703,7 @@ mod tokens {
             ..Default::default()
         };
         assert!(matches!(
-            t.f.svc.create(&req).await,
+            t.f.svc.create(&req, &Audit::default()).await,
             Err(CoreError::InvalidRequest(m)) if m.contains("sub")
         ));
         let plain = super::fixture();
@@ -646,11 +715,15 @@ mod tokens {
             ..Default::default()
         };
         assert!(matches!(
-            plain.svc.create(&req).await,
+            plain.svc.create(&req, &Audit::default()).await,
             Err(CoreError::InvalidRequest(_))
         ));
         // Without token mode, create hands out no access or refresh token.
-        let i = plain.svc.create(&create_req("u")).await.unwrap();
+        let i = plain
+            .svc
+            .create(&create_req("u"), &Audit::default())
+            .await
+            .unwrap();
         assert!(i.access_token.is_none() && i.refresh_token.is_none());
     }
 
@@ -732,7 +805,10 @@ mod tokens {
             ServiceConfig::default(),
         )
         .with_keys(other_keys);
-        let issued = other.create(&create_req("gina")).await.unwrap();
+        let issued = other
+            .create(&create_req("gina"), &Audit::default())
+            .await
+            .unwrap();
         let jwt = issued.access_token.unwrap().0;
         assert!(
             !t.keys

@@ -177,7 +177,8 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
             }
             KeysCommand::List { store } => {
                 let (cfg, store) = open_for_keys(store).await?;
-                let Some((version, doc)) = store.keyring().await? else {
+                let Some((version, doc)) = store.document(sessiond_core::keys::KEYRING_DOC).await?
+                else {
                     anyhow::bail!("the store has no keyring yet: it is created when serve starts");
                 };
                 let ring = Keyring::load(&doc, cfg.jwt.sealing_key()?.as_ref())?;

@@ -3,6 +3,7 @@
 
 mod api;
 mod errors;
+mod events;
 mod harness;
 mod lifecycle;
 mod metrics;
@@ -26,6 +27,33 @@ macro_rules! on_every_store {
                 async fn embedded() {
                     BACKEND.scope(Backend::Embedded, super::$case()).await
                 }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    BACKEND.scope(Backend::Postgres, super::$case()).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    BACKEND.scope(Backend::Redis, super::$case()).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis_cluster() {
+                    BACKEND.scope(Backend::RedisCluster, super::$case()).await
+                }
+            }
+        )*
+    };
+}
+
+/// Instantiates each test on the shared stores (the embedded store belongs to one process).
+#[macro_export]
+macro_rules! on_shared_stores {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use $crate::harness::{Backend, BACKEND};
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {

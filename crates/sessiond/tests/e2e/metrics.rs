@@ -133,4 +133,30 @@ async fn metrics_are_protected_parse_and_move_with_traffic() {
     assert_eq!(timed, shared);
 }
 
-crate::on_every_store!(metrics_are_protected_parse_and_move_with_traffic,);
+async fn active_sessions_are_counted_per_tenant_where_the_store_can() {
+    let s = Server::start();
+    for (user, tenant) in [("g1", "default"), ("g2", "default"), ("g3", "acme")] {
+        let r = s
+            .post("/v1/sessions", json!({"user_id": user, "tenant": tenant}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    }
+    s.call(Method::DELETE, "/v1/users/g1/sessions", None).await;
+    let m = scrape(&s).await;
+    let active = |tenant: &str| value(&m, "sessiond_active_sessions", &[("tenant", tenant)]);
+    let counted = m.iter().any(|x| x.metric == "sessiond_active_sessions");
+    match crate::harness::BACKEND.get() {
+        crate::harness::Backend::Redis | crate::harness::Backend::RedisCluster => {
+            assert!(!counted, "Redis cannot count without a scan")
+        }
+        _ => {
+            assert_eq!(active("default"), 1.0);
+            assert_eq!(active("acme"), 1.0);
+        }
+    }
+}
+
+crate::on_every_store!(
+    active_sessions_are_counted_per_tenant_where_the_store_can,
+    metrics_are_protected_parse_and_move_with_traffic,
+);

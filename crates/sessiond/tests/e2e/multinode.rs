@@ -178,33 +178,7 @@ async fn a_users_limit_holds_when_creates_race_across_nodes() {
     assert_eq!(evicted, 22);
 }
 
-/// Instantiates each test on the shared stores (the embedded store belongs to one process).
-macro_rules! on_shared_stores {
-    ($($case:ident),* $(,)?) => {
-        $(
-            mod $case {
-                use $crate::harness::{Backend, BACKEND};
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    BACKEND.scope(Backend::Postgres, super::$case()).await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis() {
-                    BACKEND.scope(Backend::Redis, super::$case()).await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis_cluster() {
-                    BACKEND.scope(Backend::RedisCluster, super::$case()).await
-                }
-            }
-        )*
-    };
-}
-
-on_shared_stores!(
+crate::on_shared_stores!(
     changes_through_one_node_are_seen_by_every_node_at_once,
     a_users_limit_holds_when_creates_race_across_nodes,
 );

@@ -90,7 +90,22 @@ async fn the_readme_token_mode_example_works_as_printed() {
     );
 }
 
+async fn the_readme_events_example_works_as_printed() {
+    let (stdout, stderr) = run_section("events");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            r#"["session.revoked","session.created","security.*"]"#,
+            "session.revoked logout 198.51.100.23 -",
+            "session.created - 198.51.100.23 true",
+        ],
+        "{stderr}"
+    );
+}
+
 crate::on_every_store!(
     the_readme_walkthrough_works_as_printed,
     the_readme_token_mode_example_works_as_printed,
+    the_readme_events_example_works_as_printed,
 );

@@ -161,11 +161,11 @@ async fn hello() -> Json<serde_json::Value> {
 }
 
 /// The two servers, running on their own runtime.
-struct Servers {
-    runtime: tokio::runtime::Runtime,
-    sessiond: SocketAddr,
+pub(crate) struct Servers {
+    pub(crate) runtime: tokio::runtime::Runtime,
+    pub(crate) sessiond: SocketAddr,
     hello: SocketAddr,
-    api_key: String,
+    pub(crate) api_key: String,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     /// What to remove from a shared store once the servers stopped.
@@ -183,6 +183,15 @@ impl Servers {
     /// Starts sessiond (on `store`, with a fresh API key) and the hello server, each on
     /// `127.0.0.1:0`.
     fn start(threads: usize, store: &Store) -> anyhow::Result<Self> {
+        Self::start_with(threads, store, |_| {})
+    }
+
+    /// As [`Servers::start`], with sessiond's configuration adjusted by `tweak`.
+    pub fn start_with(
+        threads: usize,
+        store: &Store,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("bench-server")
@@ -199,6 +208,7 @@ impl Servers {
             ..Config::default()
         };
         let cleanup = cleanup::Cleanup::configure(&mut config, store)?;
+        tweak(&mut config);
         let (stop, stop_rx) = watch::channel(false);
         let (sessiond, hello, tasks) = runtime.block_on(async {
             let server = Server::new(config).await.context("cannot start sessiond")?;
@@ -235,7 +245,7 @@ impl Servers {
     }
 
     /// Stops both servers (sessiond drains and flushes) and their runtime.
-    fn stop(self) -> anyhow::Result<()> {
+    pub fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         let tasks = self.tasks;
         let cleanup = self.cleanup;

@@ -21,6 +21,7 @@ mod loadgen;
 mod soak;
 mod stats;
 mod stores;
+mod webhooks;
 
 use std::time::Duration;
 
@@ -46,6 +47,8 @@ enum Command {
     Stores(StoresArgs),
     /// In-process, HTTP, and the stores given, then one markdown table.
     All(AllArgs),
+    /// HTTP create without and with a webhook endpoint for every event, alternating.
+    Webhooks(WebhooksArgs),
     /// Kill a real sessiond with SIGKILL under load, again and again, and check that no
     /// acknowledged operation was lost (exits non-zero if one was).
     Crash(CrashArgs),
@@ -219,6 +222,16 @@ struct HttpArgs {
     client_threads: u64,
 }
 
+/// Flags of `webhooks`.
+#[derive(Debug, Args)]
+struct WebhooksArgs {
+    #[command(flatten)]
+    http: HttpArgs,
+    /// Pairs of runs (without, then with).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+}
+
 /// Flags of `all`.
 #[derive(Debug, Args)]
 struct AllArgs {
@@ -362,6 +375,12 @@ fn main() -> anyhow::Result<()> {
             report.print();
             print_table(&report.rows());
             check_http(&report)
+        }
+        Command::Webhooks(a) => {
+            let report = webhooks::run(&http_settings(&a.http)?, a.rounds)?;
+            report.print();
+            anyhow::ensure!(report.failures() == 0, "some creates failed");
+            Ok(())
         }
         Command::Stores(a) => {
             let report = stores::run(&http_settings(&a.http)?, &a.stores.stores())?;

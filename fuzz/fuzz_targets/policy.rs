@@ -7,7 +7,10 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use sessiond_api::{CookiePolicy, OnLimit, PolicyDocument, SameSite, TokensPolicy};
+use sessiond_api::{
+    BindingAction, BindingPolicy, CookiePolicy, IpBinding, OnLimit, PolicyDocument, SameSite,
+    TokensPolicy, TravelPolicy, UserAgentBinding,
+};
 use sessiond_core::cookie::{clear_cookie, set_cookie};
 use sessiond_core::policy::{MAX_TIMEOUT_S, Policy};
 use sessiond_core::token::TokenFormat;
@@ -32,6 +35,18 @@ struct Doc<'a> {
     secure: bool,
     /// Token mode: TTL, refresh, grace, issuer, audience.
     tokens: Option<(u16, bool, u8, &'a str, &'a str)>,
+    /// Binding: ip, user agent, action (each taken modulo 3).
+    binding: Option<(u8, u8, u8)>,
+    /// Impossible travel: speed, action.
+    travel: Option<(u32, u8)>,
+}
+
+fn action(a: u8) -> BindingAction {
+    match a % 3 {
+        0 => BindingAction::Flag,
+        1 => BindingAction::Reauthenticate,
+        _ => BindingAction::Revoke,
+    }
 }
 
 impl Doc<'_> {
@@ -75,6 +90,19 @@ impl Doc<'_> {
                     issuer: iss.to_owned(),
                     audience: aud.to_owned(),
                 }),
+            binding: self.binding.map(|(ip, ua, a)| BindingPolicy {
+                ip: [IpBinding::Off, IpBinding::Subnet, IpBinding::Exact][usize::from(ip % 3)],
+                user_agent: [
+                    UserAgentBinding::Off,
+                    UserAgentBinding::Family,
+                    UserAgentBinding::Exact,
+                ][usize::from(ua % 3)],
+                action: action(a),
+            }),
+            impossible_travel: self.travel.map(|(speed, a)| TravelPolicy {
+                max_speed_kmh: speed % 100_002,
+                action: action(a),
+            }),
         }
     }
 }

@@ -20,7 +20,7 @@ use sessiond_api::{
 };
 use sessiond_core::CoreError;
 use sessiond_core::device::device_from;
-use sessiond_core::events::MemorySink;
+use sessiond_core::events::{Audit, Event, EventKind, MemorySink};
 use sessiond_core::jwt::{Keyring, SigningAlg};
 use sessiond_core::keys::Keys;
 use sessiond_core::policy::Policy;
@@ -29,8 +29,8 @@ use sessiond_core::session::{
     self, Liveness, SessionRecord, StoredSession, StoredState, validate_requirements,
 };
 use sessiond_core::store::{
-    DataUpdate, InsertOutcome, ListQuery, Rekey, RevokeOutcome, RotateOutcome, SessionStore,
-    StoreError, SweepReport,
+    DataUpdate, DeliveryQuery, EventQuery, InsertOutcome, ListQuery, Rekey, RevokeOutcome,
+    RotateOutcome, SessionStore, StoreError, SweepReport,
 };
 use sessiond_core::time::{ManualClock, Timestamp};
 use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
@@ -55,10 +55,12 @@ struct Inner {
     by_handle: HashMap<SessionHandle, StoredSession>,
     by_hash: HashMap<TokenHash, SessionHandle>,
     policies: HashMap<TenantId, Arc<Policy>>,
-    keyring: Option<(u64, String)>,
+    documents: HashMap<String, (u64, String)>,
+    events: Vec<sessiond_api::Event>,
 }
 
-/// A store in memory with the semantics the service relies on (no limits, no sweeping).
+/// A store in memory with the semantics the service relies on (no limits, no sweeping, no
+/// webhook deliveries; events are kept).
 #[derive(Default)]
 struct MemStore(Mutex<Inner>);
 
@@ -92,8 +94,12 @@ impl SessionStore for MemStore {
         &self,
         record: SessionRecord,
         _now: Timestamp,
+        audit: &Audit,
     ) -> Result<InsertOutcome, StoreError> {
         let mut inner = self.lock();
+        let e = audit.created(&record, None);
+        inner.events.push(e.to_wire());
+        audit.committed([e]);
         inner
             .by_hash
             .insert(record.token_hash, record.handle.clone());
@@ -135,6 +141,7 @@ impl SessionStore for MemStore {
         handle: &SessionHandle,
         change: &Rekey,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<RotateOutcome, StoreError> {
         let mut inner = self.lock();
         let Some(s) = inner.by_handle.get(handle).cloned() else {
@@ -147,6 +154,9 @@ impl SessionStore for MemStore {
         inner.by_hash.remove(&s.record.token_hash);
         inner.by_hash.insert(rec.token_hash, handle.clone());
         let seen = rec.last_seen_at;
+        let e = change.event_for(audit, now, &rec);
+        inner.events.push(e.to_wire());
+        audit.committed([e]);
         Ok(RotateOutcome::Rotated(replace(&mut inner, rec, seen)))
     }
 
@@ -155,6 +165,7 @@ impl SessionStore for MemStore {
         handle: &SessionHandle,
         reason: &str,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<Option<RevokeOutcome>, StoreError> {
         let mut inner = self.lock();
         let Some(s) = inner.by_handle.get(handle).cloned() else {
@@ -171,6 +182,9 @@ impl SessionStore for MemStore {
             reason: reason.into(),
             at: now,
         };
+        let e = audit.session_event(EventKind::SessionRevoked, now, &rec, Some(reason));
+        inner.events.push(e.to_wire());
+        audit.committed([e]);
         Ok(Some(RevokeOutcome {
             session: replace(&mut inner, rec, s.last_seen_at),
             revoked_now: true,
@@ -184,6 +198,7 @@ impl SessionStore for MemStore {
         _except: Option<&SessionHandle>,
         _reason: &str,
         _now: Timestamp,
+        _audit: &Audit,
     ) -> Result<Vec<SessionHandle>, StoreError> {
         Ok(vec![])
     }
@@ -236,14 +251,27 @@ impl SessionStore for MemStore {
             .unwrap_or_default())
     }
 
-    async fn put_policy(&self, tenant: &TenantId, policy: Policy) -> Result<(), StoreError> {
-        self.lock()
-            .policies
-            .insert(tenant.clone(), Arc::new(policy));
+    async fn put_policy(
+        &self,
+        tenant: &TenantId,
+        policy: Policy,
+        now: Timestamp,
+        audit: &Audit,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.policies.insert(tenant.clone(), Arc::new(policy));
+        let e = audit.event(EventKind::PolicyUpdated, now, tenant);
+        inner.events.push(e.to_wire());
+        audit.committed([e]);
         Ok(())
     }
 
-    async fn sweep(&self, _now: Timestamp, _retention_s: u64) -> Result<SweepReport, StoreError> {
+    async fn sweep(
+        &self,
+        _now: Timestamp,
+        _retention_s: u64,
+        _audit: &Audit,
+    ) -> Result<SweepReport, StoreError> {
         Ok(SweepReport::default())
     }
 
@@ -255,17 +283,81 @@ impl SessionStore for MemStore {
         Ok(())
     }
 
-    async fn keyring(&self) -> Result<Option<(u64, String)>, StoreError> {
-        Ok(self.lock().keyring.clone())
+    async fn document(&self, name: &str) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.lock().documents.get(name).cloned())
     }
 
-    async fn put_keyring(&self, expected: Option<u64>, doc: &str) -> Result<bool, StoreError> {
+    async fn put_document(
+        &self,
+        name: &str,
+        expected: Option<u64>,
+        doc: &str,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        if inner.keyring.as_ref().map(|(v, _)| *v) != expected {
+        if inner.documents.get(name).map(|(v, _)| *v) != expected {
             return Ok(false);
         }
-        inner.keyring = Some((expected.unwrap_or(0) + 1, doc.to_owned()));
+        let v = expected.unwrap_or(0) + 1;
+        inner.documents.insert(name.to_owned(), (v, doc.to_owned()));
         Ok(true)
+    }
+
+    async fn append_events(&self, events: &[Event]) -> Result<(), StoreError> {
+        self.lock().events.extend(events.iter().map(Event::to_wire));
+        Ok(())
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Vec<sessiond_api::Event>, StoreError> {
+        let mut out: Vec<_> = self
+            .lock()
+            .events
+            .iter()
+            .filter(|e| query.matches(e))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        out.truncate(query.limit);
+        Ok(out)
+    }
+
+    async fn purge_events(&self, before: Timestamp) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let n = inner.events.len();
+        inner
+            .events
+            .retain(|e| Timestamp::from_datetime(e.time) >= before);
+        Ok((n - inner.events.len()) as u64)
+    }
+
+    async fn pending_events(&self, _limit: usize) -> Result<Vec<sessiond_api::Event>, StoreError> {
+        Ok(vec![])
+    }
+
+    async fn fan_out(
+        &self,
+        _events: &[String],
+        _deliveries: &[sessiond_api::Delivery],
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn due_deliveries(
+        &self,
+        _now: Timestamp,
+        _limit: usize,
+    ) -> Result<Vec<sessiond_api::Delivery>, StoreError> {
+        Ok(vec![])
+    }
+
+    async fn put_delivery(&self, _delivery: &sessiond_api::Delivery) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn deliveries(
+        &self,
+        _query: &DeliveryQuery,
+    ) -> Result<Vec<sessiond_api::Delivery>, StoreError> {
+        Ok(vec![])
     }
 }
 
@@ -280,7 +372,10 @@ fn keyring_doc() -> &'static str {
 
 fn service() -> SessionService {
     let store = Arc::new(MemStore::default());
-    store.lock().keyring = Some((1, keyring_doc().to_owned()));
+    store
+        .lock()
+        .documents
+        .insert("keyring".into(), (1, keyring_doc().to_owned()));
     let keys = block_on(Keys::load_or_init(
         store.clone(),
         None,
@@ -331,13 +426,13 @@ fn baseline(svc: &SessionService) -> (String, String) {
         user_id: "u-42".into(),
         ..CreateSessionRequest::default()
     };
-    let issued = block_on(svc.create(&req)).expect("a minimal create succeeds");
+    let issued = block_on(svc.create(&req, &Audit::default())).expect("a minimal create succeeds");
     (issued.token.expose().to_owned(), issued.session.handle)
 }
 
 fn check_create(req: &CreateSessionRequest) {
     let svc = service();
-    let issued = match block_on(svc.create(req)) {
+    let issued = match block_on(svc.create(req, &Audit::default())) {
         Ok(i) => i,
         Err(e) => {
             assert!(is_client_error(&e), "create answered {e:?}");
@@ -378,7 +473,7 @@ fn check_create(req: &CreateSessionRequest) {
     assert_eq!(verified.handle, s.handle);
     assert_eq!(verified.data, s.data);
 
-    let (ended, clear) = block_on(svc.logout(&token)).expect("logout");
+    let (ended, clear) = block_on(svc.logout(&token, &Audit::default())).expect("logout");
     assert_eq!(ended.status, SessionStatus::Revoked);
     assert!(clear.starts_with(&format!("{}=; ", issued.cookie_name)));
     assert!(matches!(
@@ -414,8 +509,8 @@ fn check_verify(req: &VerifyRequest) {
 fn check_token(req: &TokenRequest) {
     let svc = service();
     for r in [
-        block_on(svc.rotate(&req.token)).map(drop),
-        block_on(svc.logout(&req.token)).map(drop),
+        block_on(svc.rotate(&req.token, &Audit::default())).map(drop),
+        block_on(svc.logout(&req.token, &Audit::default())).map(drop),
     ] {
         if let Err(e) = r {
             assert!(is_client_error(&e), "answered {e:?}");
@@ -425,17 +520,22 @@ fn check_token(req: &TokenRequest) {
 
 fn check_reauthenticate(req: &ReauthenticateRequest) {
     let svc = service();
-    if let Err(e) = block_on(svc.reauthenticate(&req.token, &req.auth)) {
+    if let Err(e) = block_on(svc.reauthenticate(
+        &req.token,
+        &req.auth,
+        req.client.as_ref(),
+        &Audit::default(),
+    )) {
         assert!(is_client_error(&e), "reauthenticate answered {e:?}");
     }
     let (token, handle) = baseline(&svc);
-    match block_on(svc.reauthenticate(&token, &req.auth)) {
+    match block_on(svc.reauthenticate(&token, &req.auth, req.client.as_ref(), &Audit::default())) {
         Ok(issued) => {
             assert_eq!(issued.session.handle, handle);
             assert_ne!(issued.token.expose(), token);
             assert_eq!(issued.session.auth.aal, req.auth.aal.unwrap_or(1));
             assert!(matches!(
-                block_on(svc.rotate(&token)),
+                block_on(svc.rotate(&token, &Audit::default())),
                 Err(CoreError::SessionUnknown)
             ));
         }
@@ -467,7 +567,7 @@ fn check_patch(req: &PatchSessionRequest) {
 
 fn check_policy(doc: &PolicyDocument) {
     let svc = service();
-    match block_on(svc.put_policy("acme", doc.clone())) {
+    match block_on(svc.put_policy("acme", doc.clone(), &Audit::default())) {
         Ok(stored) => {
             assert_eq!(&stored, doc);
             assert_eq!(&block_on(svc.policy("acme")).expect("get policy"), doc);
@@ -477,7 +577,8 @@ fn check_policy(doc: &PolicyDocument) {
                 remember_me: true,
                 ..CreateSessionRequest::default()
             };
-            let issued = block_on(svc.create(&req)).expect("create under a valid policy");
+            let issued =
+                block_on(svc.create(&req, &Audit::default())).expect("create under a valid policy");
             assert!(issued.set_cookie.contains("; Max-Age="));
             assert!(!issued.set_cookie.contains(['\r', '\n']));
         }

@@ -127,6 +127,10 @@ pub struct ReauthenticateRequest {
     pub token: String,
     /// The fresh authentication.
     pub auth: AuthInput,
+    /// The client the user re-authenticated from: the session is bound to it from now on (see
+    /// the policy's `binding`).
+    #[serde(default)]
+    pub client: Option<ClientInput>,
 }
 
 /// `POST /v1/tokens/refresh`.
@@ -236,6 +240,9 @@ pub struct Session {
     pub data: JsonObject,
     /// Why the session was revoked; `null` unless revoked.
     pub revoked_reason: Option<String>,
+    /// What detectors found about the session, for example `binding_mismatch`.
+    #[serde(default)]
+    pub flags: Vec<String>,
 }
 
 /// A cookie ready for the application to send.
@@ -691,6 +698,130 @@ pub struct PolicyDocument {
     /// session tokens only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokensPolicy>,
+    /// Client binding: what verify does when the client differs from the one at create.
+    /// Absent or `null`: no binding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<BindingPolicy>,
+    /// Impossible travel: what verify does when a user's sessions are used from places too
+    /// far apart for the time between the uses. Needs a geolocation database. Absent or
+    /// `null`: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impossible_travel: Option<TravelPolicy>,
+}
+
+/// The impossible-travel detector's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TravelPolicy {
+    /// Fastest believable travel between two uses, in km/h (1 to 100000; default 1000).
+    #[serde(default = "d_speed")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100_000))]
+    pub max_speed_kmh: u32,
+    /// What a finding does: `flag` (`impossible_travel`), `reauthenticate` or `revoke`.
+    #[serde(default)]
+    pub action: BindingAction,
+}
+
+fn d_speed() -> u32 {
+    1000
+}
+
+/// How a session is bound to the client it was created from. Verify compares the `client` it
+/// is given with the session's device; without a `client` there is nothing to compare.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BindingPolicy {
+    /// `off`, `subnet` (the same /24 for IPv4, /64 for IPv6) or `exact`.
+    #[serde(default)]
+    pub ip: IpBinding,
+    /// `off`, `family` (the same browser and OS family) or `exact`.
+    #[serde(default)]
+    pub user_agent: UserAgentBinding,
+    /// On a mismatch: `flag` the session (it stays valid), demand `reauthenticate`
+    /// (`403 reauthentication_required`), or `revoke` it (`401 session_revoked`, reason
+    /// `anomaly`). Each mismatch is recorded as `security.binding_mismatch`.
+    #[serde(default)]
+    pub action: BindingAction,
+}
+
+/// IP binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum IpBinding {
+    /// Not compared.
+    #[default]
+    Off,
+    /// The same network: /24 for IPv4, /64 for IPv6.
+    Subnet,
+    /// The same address.
+    Exact,
+}
+
+/// User-agent binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum UserAgentBinding {
+    /// Not compared.
+    #[default]
+    Off,
+    /// The same browser and OS family (a browser update is not a mismatch).
+    Family,
+    /// The same user agent, byte for byte.
+    Exact,
+}
+
+/// What a binding mismatch does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum BindingAction {
+    /// Mark the session (`flags` gains `binding_mismatch`); it stays valid.
+    #[default]
+    Flag,
+    /// Answer `403 reauthentication_required` until the session is reauthenticated.
+    Reauthenticate,
+    /// Revoke the session (reason `anomaly`).
+    Revoke,
+}
+
+/// `POST /v1/users/{user_id}/sessions/revoke`: which of the user's active sessions to revoke.
+/// Every given criterion must hold; at least one must be given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RevokeSessionsRequest {
+    /// Only these sessions (handles).
+    #[serde(default)]
+    pub handles: Option<Vec<String>>,
+    /// Only sessions created before this time.
+    #[serde(default, with = "timestamp::option")]
+    pub created_before: Option<DateTime<Utc>>,
+    /// Only sessions located in this country (ISO 3166-1 alpha-2; needs geolocation data).
+    #[serde(default)]
+    pub country: Option<String>,
+    /// Only sessions a detector flagged (`true`), or only unflagged ones (`false`).
+    #[serde(default)]
+    pub flagged: Option<bool>,
+    /// Only this tenant's sessions.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// The revocation reason (1 to 64 of `a-z 0-9 _`); `revoked` when absent.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The answer of `POST /v1/users/{user_id}/sessions/revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RevokeSessionsResponse {
+    /// How many sessions this call revoked.
+    pub revoked: u64,
+    /// Their handles.
+    pub handles: Vec<String>,
 }
 
 /// Token mode of a tenant: JWT access tokens beside the session token, and refresh tokens.
@@ -763,6 +894,8 @@ impl Default for PolicyDocument {
             on_limit: OnLimit::EvictOldest,
             cookie: CookiePolicy::default(),
             tokens: None,
+            binding: None,
+            impossible_travel: None,
         }
     }
 }
@@ -824,6 +957,9 @@ pub mod codes {
     pub const TOKEN_INVALID: &str = "token_invalid";
     /// `401`: the access token has expired; refresh it.
     pub const TOKEN_EXPIRED: &str = "token_expired";
+    /// `429`: too many failed verifications from this client network, or too many sessions
+    /// created for this user or from this network; retry after the `Retry-After` seconds.
+    pub const TOO_MANY_ATTEMPTS: &str = "too_many_attempts";
     /// `503`: the store cannot be reached; the server fails closed.
     pub const STORE_UNAVAILABLE: &str = "store_unavailable";
     /// `500`: an internal error (details are in the server log under the request id).

@@ -48,6 +48,7 @@ fn session(data: &str) -> StoredSession {
         data: data.into(),
         state: StoredState::Active,
         refresh: None,
+        flags: Vec::new(),
     }))
 }
 

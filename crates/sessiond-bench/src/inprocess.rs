@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use sessiond_api::{CreateSessionRequest, PolicyDocument, TokensPolicy, VerifyRequest};
+use sessiond_api::{
+    ClientInput, CreateSessionRequest, PolicyDocument, TokensPolicy, VerifyRequest,
+};
 use sessiond_client::AccessTokenVerifier;
 use sessiond_core::events::{Audit, Event, EventSink};
+use sessiond_core::guard::{Guard, GuardConfig};
 use sessiond_core::jwt::SigningAlg;
 use sessiond_core::keys::Keys;
 use sessiond_core::service::{ServiceConfig, SessionService};
@@ -50,10 +53,40 @@ pub enum Mode {
     /// An access token, by the SDK's `AccessTokenVerifier` from its JWKS cache: signature and
     /// claims, no store and no network.
     Sdk,
+    /// The opaque session token with the client's IP, brute-force detection off.
+    ClientIpUnguarded,
+    /// The opaque session token with the client's IP, brute-force detection on.
+    ClientIpGuarded,
+    /// Unknown tokens from [`FLOOD_NETWORKS`] client networks, brute-force detection on: every
+    /// answer is an error (`session_unknown`, or `too_many_attempts` once a network is blocked).
+    Flood,
+}
+
+/// Distinct client networks of the [`Mode::Flood`] scenario.
+pub const FLOOD_NETWORKS: usize = 200_000;
+
+impl Mode {
+    fn guarded(self) -> bool {
+        matches!(self, Self::ClientIpGuarded | Self::Flood)
+    }
+
+    /// Whether every verify should succeed (else every verify should fail).
+    pub fn valid(self) -> bool {
+        self != Self::Flood
+    }
 }
 
 /// Every mode, in the order of the table.
 pub const ALL_MODES: [Mode; 3] = [Mode::Opaque, Mode::AccessToken, Mode::Sdk];
+
+/// The modes of `inprocess --guard`: detection off and on, alternating, then the flood.
+pub const GUARD_MODES: [Mode; 5] = [
+    Mode::ClientIpUnguarded,
+    Mode::ClientIpGuarded,
+    Mode::ClientIpUnguarded,
+    Mode::ClientIpGuarded,
+    Mode::Flood,
+];
 
 const ISSUER: &str = "https://bench.sessiond.invalid";
 const AUDIENCE: &str = "bench";
@@ -176,6 +209,19 @@ impl Report {
                     "SDK local access-token verify (EdDSA, no network), {} threads",
                     self.settings.threads
                 ),
+                Mode::ClientIpUnguarded => format!(
+                    "in-process verify with client IP, brute-force detection off, {} threads",
+                    self.settings.threads
+                ),
+                Mode::ClientIpGuarded => format!(
+                    "in-process verify with client IP, brute-force detection on, {} threads",
+                    self.settings.threads
+                ),
+                Mode::Flood => format!(
+                    "in-process verify of unknown tokens from {FLOOD_NETWORKS} networks, \
+                     detection on, {} threads",
+                    self.settings.threads
+                ),
             },
             throughput: self.throughput(),
             unit: "verifies/s",
@@ -205,7 +251,13 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
         Arc::new(NoopSink),
         ServiceConfig::default(),
     );
-    if settings.mode != Mode::Opaque {
+    if settings.mode.guarded() {
+        service = service.with_guard(Arc::new(Guard::new(
+            GuardConfig::default(),
+            SystemClock.now(),
+        )));
+    }
+    if matches!(settings.mode, Mode::AccessToken | Mode::Sdk) {
         let keys = setup
             .block_on(Keys::load_or_init(
                 store,
@@ -231,15 +283,43 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     let started = Instant::now();
     let tokens = setup.block_on(create_sessions(&service, settings.sessions, settings.mode))?;
     let created_in = started.elapsed();
-    let requests: Vec<VerifyRequest> = tokens
-        .iter()
-        .map(|token| VerifyRequest {
-            token: (settings.mode == Mode::Opaque).then(|| token.clone()),
-            access_token: (settings.mode != Mode::Opaque).then(|| token.clone()),
-            client: None,
-            require: None,
+    let opaque = !matches!(settings.mode, Mode::AccessToken | Mode::Sdk);
+    let ip = |i: usize| {
+        Some(ClientInput {
+            ip: Some(format!(
+                "10.{}.{}.{}",
+                (i >> 16) & 255,
+                (i >> 8) & 255,
+                i & 255
+            )),
+            user_agent: None,
         })
-        .collect();
+    };
+    let requests: Vec<VerifyRequest> = match settings.mode {
+        Mode::Flood => (0..FLOOD_NETWORKS)
+            .map(|i| VerifyRequest {
+                token: Some(format!("sdt_{:0>43}", fastrand::u64(..))),
+                access_token: None,
+                client: ip(i),
+                require: None,
+            })
+            .collect(),
+        _ => tokens
+            .iter()
+            .enumerate()
+            .map(|(i, token)| VerifyRequest {
+                token: opaque.then(|| token.clone()),
+                access_token: (!opaque).then(|| token.clone()),
+                client: matches!(
+                    settings.mode,
+                    Mode::ClientIpGuarded | Mode::ClientIpUnguarded
+                )
+                .then(|| ip(i))
+                .flatten(),
+                require: None,
+            })
+            .collect(),
+    };
     let sdk = if settings.mode == Mode::Sdk {
         Some(setup.block_on(sdk_verifier(&service))?)
     } else {
@@ -247,7 +327,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     };
     let target = match &sdk {
         Some(v) => Target::Sdk(v, &tokens),
-        None => Target::Service(&service, &requests),
+        None => Target::Service(&service, &requests, settings.mode.valid()),
     };
 
     let barrier = Barrier::new(settings.threads);
@@ -296,22 +376,23 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
 
 /// What the verifying threads call.
 enum Target<'a> {
-    Service(&'a SessionService, &'a [VerifyRequest]),
+    Service(&'a SessionService, &'a [VerifyRequest], bool),
     Sdk(&'a AccessTokenVerifier, &'a [String]),
 }
 
 impl Target<'_> {
     fn len(&self) -> usize {
         match self {
-            Self::Service(_, r) => r.len(),
+            Self::Service(_, r, _) => r.len(),
             Self::Sdk(_, t) => t.len(),
         }
     }
 
-    /// Verifies the `i`th token; `true` if it is valid.
+    /// Verifies the `i`th token; `true` if it answered as expected (valid, or for the flood
+    /// refused).
     async fn verify(&self, i: usize) -> bool {
         match self {
-            Self::Service(s, r) => s.verify(&r[i]).await.is_ok(),
+            Self::Service(s, r, valid) => s.verify(&r[i]).await.is_ok() == *valid,
             Self::Sdk(v, t) => v.verify_cached(&t[i]).is_ok(),
         }
     }
@@ -368,10 +449,10 @@ async fn create_sessions(
                     .create(&req, &Audit::new("bench"))
                     .await
                     .map(|issued| match mode {
-                        Mode::Opaque => issued.token.expose().to_owned(),
                         Mode::AccessToken | Mode::Sdk => {
                             issued.access_token.map(|(t, _)| t).unwrap_or_default()
                         }
+                        _ => issued.token.expose().to_owned(),
                     })
             });
         }

@@ -197,6 +197,10 @@ struct InprocessArgs {
     /// Also verify access tokens: at the server, and locally in the SDK.
     #[arg(long)]
     tokens: bool,
+    /// Instead: verify with the client's IP, brute-force detection off and on (alternating),
+    /// then a flood of unknown tokens from many networks.
+    #[arg(long, conflicts_with = "tokens")]
+    guard: bool,
 }
 
 /// Flags of `http`.
@@ -299,7 +303,8 @@ fn print_table(rows: &[stats::Row]) {
 fn check_in_process(r: &inprocess::Report) -> anyhow::Result<()> {
     anyhow::ensure!(
         r.errors() == 0,
-        "{} in-process verifies failed; every token should be valid",
+        "{} in-process verifies answered otherwise than expected (valid tokens valid, the \
+         flood's unknown tokens refused)",
         r.errors()
     );
     Ok(())
@@ -348,6 +353,8 @@ fn main() -> anyhow::Result<()> {
         Command::Inprocess(a) => {
             let modes: &[inprocess::Mode] = if a.tokens {
                 &inprocess::ALL_MODES
+            } else if a.guard {
+                &inprocess::GUARD_MODES
             } else {
                 &[inprocess::Mode::Opaque]
             };

@@ -8,10 +8,10 @@ use reqwest::{Method, RequestBuilder, Response, Url};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sessiond_api::{
-    AuthInput, CreateSessionRequest, DeliveryList, DeliveryState, EventList, EventQueryParams,
-    ForceLogoutResponse, JsonObject, JwkSet, LogoutResponse, PolicyDocument, Problem, SessionList,
-    SessionResponse, SessionWithToken, TokenPair, VerifyRequest, Webhook, WebhookInput,
-    WebhookList,
+    AuthInput, ClientInput, CreateSessionRequest, DeliveryList, DeliveryState, EventList,
+    EventQueryParams, ForceLogoutResponse, JsonObject, JwkSet, LogoutResponse, PolicyDocument,
+    Problem, RevokeSessionsRequest, RevokeSessionsResponse, SessionList, SessionResponse,
+    SessionWithToken, TokenPair, VerifyRequest, Webhook, WebhookInput, WebhookList,
 };
 
 use crate::error::Error;
@@ -89,6 +89,8 @@ struct TokenBody<'a> {
 struct ReauthenticateBody<'a> {
     token: &'a str,
     auth: &'a AuthInput,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<&'a ClientInput>,
 }
 
 #[derive(Serialize)]
@@ -201,7 +203,28 @@ impl Client {
         auth: AuthInput,
     ) -> Result<SessionWithToken, Error> {
         let url = self.url(&["v1", "sessions", "reauthenticate"])?;
-        let body = ReauthenticateBody { token, auth: &auth };
+        let body = ReauthenticateBody {
+            token,
+            auth: &auth,
+            client: None,
+        };
+        self.send(self.authed(Method::POST, url).json(&body)).await
+    }
+
+    /// As [`reauthenticate`](Self::reauthenticate), from `client`: the session is bound to that
+    /// client from now on (the tenant's `binding` policy compares verifies with it).
+    pub async fn reauthenticate_from(
+        &self,
+        token: &str,
+        auth: AuthInput,
+        client: &ClientInput,
+    ) -> Result<SessionWithToken, Error> {
+        let url = self.url(&["v1", "sessions", "reauthenticate"])?;
+        let body = ReauthenticateBody {
+            token,
+            auth: &auth,
+            client: Some(client),
+        };
         self.send(self.authed(Method::POST, url).json(&body)).await
     }
 
@@ -291,6 +314,18 @@ impl Client {
         }
         strip_empty_query(&mut url);
         self.send(self.authed(Method::DELETE, url)).await
+    }
+
+    /// `POST /v1/users/{user_id}/sessions/revoke`: revokes the user's active sessions that
+    /// match every criterion given (handles, creation time, country, flagged).
+    pub async fn revoke_sessions(
+        &self,
+        user_id: &str,
+        request: &RevokeSessionsRequest,
+    ) -> Result<RevokeSessionsResponse, Error> {
+        let url = self.url(&["v1", "users", user_id, "sessions", "revoke"])?;
+        self.send(self.authed(Method::POST, url).json(request))
+            .await
     }
 
     /// `GET /v1/tenants/{tenant}/policy`: the tenant's policy (the default one until a

@@ -54,6 +54,45 @@ pub fn parse_user_agent(ua: &str) -> (Option<Arc<str>>, Option<Arc<str>>) {
     }
 }
 
+/// Whether the presented client differs from the session's device under the binding policy:
+/// `Some("ip")` or `Some("user_agent")`. A side the request does not name is not compared.
+pub fn binding_mismatch(
+    b: &sessiond_api::BindingPolicy,
+    bound: &DeviceRecord,
+    presented: &DeviceRecord,
+) -> Option<&'static str> {
+    use sessiond_api::{IpBinding, UserAgentBinding};
+    let ip_differs = match (b.ip, bound.ip, presented.ip) {
+        (IpBinding::Off, _, _) | (_, _, None) => false,
+        (_, None, Some(_)) => true,
+        (IpBinding::Exact, Some(a), Some(p)) => a != p,
+        (IpBinding::Subnet, Some(a), Some(p)) => subnet(a) != subnet(p),
+    };
+    if ip_differs {
+        return Some("ip");
+    }
+    let ua_differs = match (b.user_agent, &presented.user_agent) {
+        (UserAgentBinding::Off, _) | (_, None) => false,
+        (UserAgentBinding::Exact, Some(p)) => bound.user_agent.as_ref() != Some(p),
+        (UserAgentBinding::Family, Some(_)) => {
+            (bound.browser.as_ref(), bound.os.as_ref())
+                != (presented.browser.as_ref(), presented.os.as_ref())
+        }
+    };
+    ua_differs.then_some("user_agent")
+}
+
+/// The /24 of an IPv4 address, the /64 of an IPv6 address.
+fn subnet(ip: IpAddr) -> (u8, u128) {
+    match ip {
+        IpAddr::V4(v4) => (4, u128::from(v4.to_bits() >> 8)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (4, u128::from(v4.to_bits() >> 8)),
+            None => (6, v6.to_bits() >> 64),
+        },
+    }
+}
+
 /// A stable, non-secret id of the device a session was created on: a digest of its browser
 /// family, OS family and network (the /24 of an IPv4 address, the /48 of an IPv6 address), so
 /// that a new browser version or a new address in the same network is the same device. `None`
@@ -96,6 +135,69 @@ pub fn device_id(rec: &SessionRecord) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binding_compares_what_the_policy_names() {
+        use sessiond_api::{BindingPolicy, IpBinding, UserAgentBinding};
+        let dev = |ip: &str, ua: &str| {
+            device_from(Some(&ClientInput {
+                ip: Some(ip.into()),
+                user_agent: Some(ua.into()),
+            }))
+            .unwrap()
+        };
+        let ff = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+        let ff2 = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0";
+        let chrome = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36";
+        let bound = dev("203.0.113.7", ff);
+        let p = |ip, user_agent| BindingPolicy {
+            ip,
+            user_agent,
+            ..Default::default()
+        };
+        let subnet = p(IpBinding::Subnet, UserAgentBinding::Family);
+        assert_eq!(
+            binding_mismatch(&subnet, &bound, &dev("203.0.113.200", ff2)),
+            None
+        );
+        assert_eq!(
+            binding_mismatch(&subnet, &bound, &dev("203.0.114.7", ff)),
+            Some("ip")
+        );
+        assert_eq!(
+            binding_mismatch(&subnet, &bound, &dev("203.0.113.7", chrome)),
+            Some("user_agent")
+        );
+        let exact = p(IpBinding::Exact, UserAgentBinding::Exact);
+        assert_eq!(
+            binding_mismatch(&exact, &bound, &dev("203.0.113.8", ff)),
+            Some("ip")
+        );
+        assert_eq!(
+            binding_mismatch(&exact, &bound, &dev("203.0.113.7", ff2)),
+            Some("user_agent")
+        );
+        // A request that names no client is not compared; off compares nothing.
+        assert_eq!(
+            binding_mismatch(&exact, &bound, &DeviceRecord::default()),
+            None
+        );
+        let off = p(IpBinding::Off, UserAgentBinding::Off);
+        assert_eq!(
+            binding_mismatch(&off, &bound, &dev("192.0.2.1", chrome)),
+            None
+        );
+        // IPv6 subnets are /64s.
+        let v6 = dev("2001:db8:1:2::1", ff);
+        assert_eq!(
+            binding_mismatch(&subnet, &v6, &dev("2001:db8:1:2::ffff", ff)),
+            None
+        );
+        assert_eq!(
+            binding_mismatch(&subnet, &v6, &dev("2001:db8:1:3::1", ff)),
+            Some("ip")
+        );
+    }
 
     #[test]
     fn parses_common_user_agents() {

@@ -52,6 +52,9 @@ pub enum CoreError {
     /// The access token has expired.
     #[error("the access token has expired")]
     TokenExpired,
+    /// Too many attempts from this client or for this user: retry after this many seconds.
+    #[error("too many attempts; retry after {0} s")]
+    TooManyAttempts(u64),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -37,11 +37,17 @@ pub enum EventKind {
     PolicyUpdated,
     /// A request presented a missing or wrong API key.
     AuthFailed,
+    /// A client network guessed too many tokens and is blocked.
+    SecurityBruteForce,
+    /// A session was used from another client than the one it is bound to.
+    SecurityBindingMismatch,
+    /// A user's sessions were used from places too far apart for the time between.
+    SecurityImpossibleTravel,
 }
 
 impl EventKind {
     /// Every kind.
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 11] = [
         Self::SessionCreated,
         Self::SessionRotated,
         Self::SessionReauthenticated,
@@ -50,6 +56,9 @@ impl EventKind {
         Self::SessionExpired,
         Self::PolicyUpdated,
         Self::AuthFailed,
+        Self::SecurityBruteForce,
+        Self::SecurityBindingMismatch,
+        Self::SecurityImpossibleTravel,
     ];
 
     /// The event type's stable name, for example `session.revoked`.
@@ -63,6 +72,9 @@ impl EventKind {
             Self::SessionExpired => "session.expired",
             Self::PolicyUpdated => "policy.updated",
             Self::AuthFailed => "auth.failed",
+            Self::SecurityBruteForce => "security.brute_force",
+            Self::SecurityBindingMismatch => "security.binding_mismatch",
+            Self::SecurityImpossibleTravel => "security.impossible_travel",
         }
     }
 

@@ -6,6 +6,8 @@
 //! - [`session`]: the session record and the lifecycle rules (expiry, step-up, limits, data);
 //! - [`store`]: the [`store::SessionStore`] port every backend implements;
 //! - [`events`]: events, the [`events::Audit`] context and the [`events::EventSink`] port;
+//! - [`guard`]: brute-force and creation limits in bounded memory;
+//! - [`geo`]: the geolocation port and impossible-travel detection;
 //! - [`jwt`], [`keys`], [`refresh`]: token mode: signed access tokens, the shared keyring, and
 //!   rotating refresh tokens with reuse detection;
 //! - [`service`]: [`service::SessionService`], the operations of the API over those ports.
@@ -14,6 +16,8 @@ pub mod cookie;
 pub mod device;
 pub mod error;
 pub mod events;
+pub mod geo;
+pub mod guard;
 pub mod jwt;
 pub mod keys;
 pub mod policy;

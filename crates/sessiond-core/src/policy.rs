@@ -57,6 +57,11 @@ impl Policy {
         if let Some(t) = &doc.tokens {
             validate_tokens(t)?;
         }
+        if let Some(t) = &doc.impossible_travel
+            && !(1..=100_000).contains(&t.max_speed_kmh)
+        {
+            return bad("impossible_travel.max_speed_kmh must be between 1 and 100000".into());
+        }
         Ok(Self { doc })
     }
 

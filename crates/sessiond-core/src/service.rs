@@ -13,6 +13,8 @@ use crate::cookie;
 use crate::device::device_from;
 use crate::error::CoreError;
 use crate::events::{Audit, EventKind, EventSink, SYSTEM_ACTOR};
+use crate::geo::{Locator, Travel};
+use crate::guard::Guard;
 use crate::jwt::Rejection;
 use crate::keys::Keys;
 use crate::policy::Policy;
@@ -100,6 +102,10 @@ pub struct SessionService {
     cfg: ServiceConfig,
     keys: Option<Arc<Keys>>,
     deliver: AtomicBool,
+    guard: Option<Arc<Guard>>,
+    security_events: crate::guard::EventGate,
+    locator: Option<Arc<dyn Locator>>,
+    travel: Travel,
 }
 
 impl SessionService {
@@ -117,12 +123,46 @@ impl SessionService {
             cfg,
             keys: None,
             deliver: AtomicBool::new(false),
+            guard: None,
+            security_events: crate::guard::EventGate::default(),
+            locator: None,
+            travel: Travel::default(),
         }
     }
 
     /// The service with token mode's keyring.
     pub fn with_keys(mut self, keys: Arc<Keys>) -> Self {
         self.keys = Some(keys);
+        self
+    }
+
+    /// The service with a geolocation database: sessions show their location, and the
+    /// impossible-travel detector can be enabled in policies.
+    pub fn with_locator(mut self, locator: Arc<dyn Locator>) -> Self {
+        self.locator = Some(locator);
+        self
+    }
+
+    /// The session object, with its location when a geolocation database is configured.
+    fn view(&self, s: &StoredSession, policy: &Policy, now: Timestamp) -> api::Session {
+        let mut out = to_api(s, policy, now);
+        out.device.location = self.place(s.record.device.ip).map(|p| api::Location {
+            country: p.country,
+            city: p.city,
+        });
+        out
+    }
+
+    fn place(&self, ip: Option<std::net::IpAddr>) -> Option<crate::geo::Place> {
+        self.locator
+            .as_ref()
+            .zip(ip)
+            .and_then(|(l, ip)| l.locate(ip))
+    }
+
+    /// The service with brute-force and creation limits.
+    pub fn with_guard(mut self, guard: Arc<Guard>) -> Self {
+        self.guard = Some(guard);
         self
     }
 
@@ -206,6 +246,119 @@ impl SessionService {
         self.deliver.store(on, AtomicOrdering::Relaxed);
     }
 
+    /// Applies a policy's action to a detector's finding about a session in use.
+    async fn finding(
+        &self,
+        action: api::BindingAction,
+        found: StoredSession,
+        client: &crate::session::DeviceRecord,
+        finding: Finding,
+        now: Timestamp,
+    ) -> Result<StoredSession, CoreError> {
+        let Finding {
+            kind,
+            flag,
+            reason: what,
+            details,
+        } = finding;
+        let mut audit = Audit::new(SYSTEM_ACTOR);
+        audit.ip = client.ip;
+        audit.user_agent = client.user_agent.clone();
+        let audit = &self.scoped(&audit);
+        let handle = found.record.handle.clone();
+        tracing::warn!(
+            target: "sessiond::security",
+            handle = %handle,
+            finding = kind.as_str(),
+            reason = what,
+            action = ?action,
+            "a detector found something about a session in use"
+        );
+        match action {
+            api::BindingAction::Revoke => {
+                // The finding, then the revocation (each recorded with its change).
+                let mut e = audit.session_event(kind, now, &found.record, Some(what));
+                e.details = details;
+                self.store.append_events(std::slice::from_ref(&e)).await?;
+                audit.committed([e]);
+                self.store.revoke(&handle, "anomaly", now, audit).await?;
+                self.publish(audit);
+                Err(CoreError::SessionRevoked)
+            }
+            api::BindingAction::Reauthenticate | api::BindingAction::Flag => {
+                let flag: Arc<str> = Arc::from(flag);
+                let out = if found.record.flags.contains(&flag) {
+                    None
+                } else {
+                    let change = Rekey {
+                        expect: Expect::Token(found.record.token_hash),
+                        token_hash: None,
+                        refresh: None,
+                        auth: None,
+                        event: kind,
+                        reason: Some(what.into()),
+                        flag: Some(flag),
+                        device: None,
+                        details: details.clone(),
+                    };
+                    match self.store.rotate(&handle, &change, now, audit).await? {
+                        RotateOutcome::Rotated(s) => Some(s),
+                        RotateOutcome::Stale => None,
+                    }
+                };
+                self.publish(audit);
+                if action == api::BindingAction::Reauthenticate {
+                    return Err(CoreError::ReauthenticationRequired(format!(
+                        "{}: reauthenticate with this client",
+                        kind.as_str()
+                    )));
+                }
+                Ok(out.unwrap_or(found))
+            }
+        }
+    }
+
+    /// Records `security.brute_force` for a network just blocked (at most a few per second per
+    /// node, so a flood cannot turn into a flood of writes).
+    async fn brute_force(
+        &self,
+        ip: std::net::IpAddr,
+        client: &crate::session::DeviceRecord,
+        blocked: &crate::guard::Blocked,
+        now: Timestamp,
+    ) {
+        tracing::warn!(
+            target: "sessiond::security",
+            network = %crate::guard::network_label(ip),
+            failures = blocked.failures,
+            blocked_s = blocked.for_s,
+            "too many unknown tokens from one network; it is blocked"
+        );
+        if !self.security_events.allow(now) {
+            return;
+        }
+        let mut audit = Audit::new(SYSTEM_ACTOR);
+        audit.ip = Some(ip);
+        audit.user_agent = client.user_agent.clone();
+        let mut e = audit.event(
+            EventKind::SecurityBruteForce,
+            now,
+            &TenantId::default_tenant(),
+        );
+        e.reason = Some("token_guessing".into());
+        e.details.insert(
+            "network".into(),
+            Value::String(crate::guard::network_label(ip)),
+        );
+        e.details
+            .insert("failures".into(), Value::from(blocked.failures));
+        e.details
+            .insert("blocked_for_s".into(), Value::from(blocked.for_s));
+        if let Err(err) = self.record(vec![e]).await {
+            tracing::warn!(error = %err, "cannot record security.brute_force");
+        }
+    }
+
     /// Records events that change nothing else (`auth.failed`), then reports them.
     pub async fn record(&self, events: Vec<crate::events::Event>) -> Result<(), CoreError> {
         let deliver = self.deliver.load(AtomicOrdering::Relaxed);
@@ -230,7 +383,7 @@ impl SessionService {
         token: SessionToken,
         now: Timestamp,
     ) -> Issued {
-        let session = to_api(s, policy, now);
+        let session = self.view(s, policy, now);
         let max_age = s.record.remember_me.then(|| {
             let (_, absolute) = session::expiries(&s.record, s.last_seen_at, policy);
             now.secs_until(absolute)
@@ -301,6 +454,10 @@ impl SessionService {
         };
         let auth = Self::auth_from(req.auth.as_ref(), now)?;
         let device = device_from(req.client.as_ref())?;
+        if let Some(g) = &self.guard {
+            g.check_create(&format!("{tenant}\n{user_id}"), device.ip, now)
+                .map_err(|r| CoreError::TooManyAttempts(r.0))?;
+        }
         let data = encode_data(
             req.data.as_ref().unwrap_or(&Map::new()),
             self.cfg.max_data_bytes,
@@ -344,6 +501,7 @@ impl SessionService {
                 .as_ref()
                 .map(RefreshState::to_text)
                 .transpose()?,
+            flags: Vec::new(),
         };
         let record = Arc::new(record);
         match self.store.insert((*record).clone(), now, audit).await? {
@@ -397,26 +555,90 @@ impl SessionService {
             validate_requirements(r)?;
         }
         // The client is validated like at create, so a caller learns of a bad value at once.
-        device_from(req.client.as_ref())?;
+        let client = device_from(req.client.as_ref())?;
         let now = self.clock.now();
-        let (mut found, policy) = match (&req.token, &req.access_token) {
-            (Some(token), None) => {
-                let (found, policy, _) = self.active_by_token(token, now).await?;
-                (found, policy)
-            }
-            (None, Some(jwt)) => self.active_by_access_token(jwt, now).await?,
+        let guarded = self.guard.as_ref().zip(client.ip);
+        if let Some((g, ip)) = guarded {
+            g.check_verify(ip, now)
+                .map_err(|r| CoreError::TooManyAttempts(r.0))?;
+        }
+        let found = match (&req.token, &req.access_token) {
+            (Some(token), None) => self
+                .active_by_token(token, now)
+                .await
+                .map(|(found, policy, _)| (found, policy)),
+            (None, Some(jwt)) => self.active_by_access_token(jwt, now).await,
             _ => {
                 return Err(CoreError::InvalidRequest(
                     "give exactly one of token and access_token".into(),
                 ));
             }
         };
+        let (mut found, policy) = match found {
+            Ok(f) => f,
+            // A token that matches no session (or no key) is a guess: count it.
+            Err(e @ (CoreError::SessionUnknown | CoreError::TokenInvalid(_))) => {
+                if let Some((g, ip)) = guarded
+                    && let Some(blocked) = g.verify_failed(ip, now)
+                {
+                    self.brute_force(ip, &client, &blocked, now).await;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(r) = &req.require {
             check_requirements(&found.record, r, now)?;
         }
+        if let Some(b) = policy.document().binding.as_ref()
+            && let Some(what) = crate::device::binding_mismatch(b, &found.record.device, &client)
+        {
+            found = self
+                .finding(
+                    b.action,
+                    found,
+                    &client,
+                    Finding {
+                        kind: EventKind::SecurityBindingMismatch,
+                        flag: "binding_mismatch",
+                        reason: what,
+                        details: Map::new(),
+                    },
+                    now,
+                )
+                .await?;
+        }
+        if let Some(t) = policy.document().impossible_travel.as_ref()
+            && let Some((lat, lon)) = self.place(client.ip).and_then(|p| p.coordinates)
+            && let Some(j) = self.travel.used(
+                &format!("{}\n{}", found.record.tenant, found.record.user_id),
+                (lat, lon),
+                now.as_millis(),
+                f64::from(t.max_speed_kmh),
+            )
+        {
+            let mut details = Map::new();
+            details.insert("km".into(), Value::from(j.km.round()));
+            details.insert("seconds".into(), Value::from(j.seconds.round()));
+            details.insert("kmh".into(), Value::from(j.kmh.round()));
+            found = self
+                .finding(
+                    t.action,
+                    found,
+                    &client,
+                    Finding {
+                        kind: EventKind::SecurityImpossibleTravel,
+                        flag: "impossible_travel",
+                        reason: "speed",
+                        details,
+                    },
+                    now,
+                )
+                .await?;
+        }
         self.store.touch(&found, &policy, now).await?;
         found.last_seen_at = found.last_seen_at.max(now);
-        Ok(to_api(&found, &policy, now))
+        Ok(self.view(&found, &policy, now))
     }
 
     /// Finds the active session of a presented access token: signature, times, issuer and
@@ -513,6 +735,10 @@ impl SessionService {
                         refresh: Some(next.to_text()?),
                         auth: None,
                         event: EventKind::SessionRefreshed,
+                        reason: None,
+                        flag: None,
+                        device: None,
+                        details: Map::new(),
                     };
                     match self.store.rotate(&handle, &change, now, audit).await? {
                         RotateOutcome::Rotated(s) => {
@@ -567,7 +793,7 @@ impl SessionService {
             .await?
             .ok_or_else(|| CoreError::TokenInvalid("token mode is off".into()))?;
         Ok(Refreshed {
-            session: to_api(s, policy, now),
+            session: self.view(s, policy, now),
             access_token,
             access_token_expires_at,
             refresh_token,
@@ -578,12 +804,17 @@ impl SessionService {
         &self,
         token: &str,
         auth: Option<&api::AuthInput>,
+        client: Option<&api::ClientInput>,
         audit: &Audit,
     ) -> Result<Issued, CoreError> {
         let audit = &self.scoped(audit);
         let now = self.clock.now();
         let auth = match auth {
             Some(a) => Some(Self::auth_from(Some(a), now)?),
+            None => None,
+        };
+        let rebind = match client {
+            Some(c) => Some(device_from(Some(c))?),
             None => None,
         };
         let (found, policy, old_hash) = self.active_by_token(token, now).await?;
@@ -599,6 +830,10 @@ impl SessionService {
                 EventKind::SessionRotated
             },
             auth,
+            reason: None,
+            flag: None,
+            device: rebind,
+            details: Map::new(),
         };
         match self.store.rotate(&handle, &change, now, audit).await? {
             RotateOutcome::Rotated(s) => {
@@ -618,7 +853,7 @@ impl SessionService {
 
     /// Issues a new token for the session; the old one stops working at once.
     pub async fn rotate(&self, token: &str, audit: &Audit) -> Result<Issued, CoreError> {
-        self.rotate_with(token, None, audit).await
+        self.rotate_with(token, None, None, audit).await
     }
 
     /// Records a fresh authentication (step-up) and rotates the token.
@@ -626,6 +861,7 @@ impl SessionService {
         &self,
         token: &str,
         auth: &api::AuthInput,
+        client: Option<&api::ClientInput>,
         audit: &Audit,
     ) -> Result<Issued, CoreError> {
         if auth.authenticated_at.is_some() {
@@ -633,7 +869,7 @@ impl SessionService {
                 "auth.authenticated_at is set by the server on reauthenticate".into(),
             ));
         }
-        self.rotate_with(token, Some(auth), audit).await
+        self.rotate_with(token, Some(auth), client, audit).await
     }
 
     /// Logs out: revokes the token's session (reason `logout`). Idempotent for a session that
@@ -666,7 +902,7 @@ impl SessionService {
             .ok_or(CoreError::SessionUnknown)?;
         self.publish(audit);
         Ok((
-            to_api(&out.session, &policy, now),
+            self.view(&out.session, &policy, now),
             cookie::clear_cookie(policy.cookie()),
         ))
     }
@@ -681,7 +917,7 @@ impl SessionService {
             .await?
             .ok_or(CoreError::NotFound)?;
         let policy = self.store.policy(&s.record.tenant).await?;
-        Ok(to_api(&s, &policy, now))
+        Ok(self.view(&s, &policy, now))
     }
 
     /// Merges a patch into an active session's data.
@@ -699,7 +935,7 @@ impl SessionService {
         {
             DataUpdate::Updated(s) => {
                 let policy = self.store.policy(&s.record.tenant).await?;
-                Ok(to_api(&s, &policy, now))
+                Ok(self.view(&s, &policy, now))
             }
             DataUpdate::NotActive => Err(CoreError::SessionNotActive),
             DataUpdate::NotFound => Err(CoreError::NotFound),
@@ -726,7 +962,7 @@ impl SessionService {
             .ok_or(CoreError::NotFound)?;
         self.publish(audit);
         let policy = self.store.policy(&out.session.record.tenant).await?;
-        Ok(to_api(&out.session, &policy, now))
+        Ok(self.view(&out.session, &policy, now))
     }
 
     /// A page of a user's sessions, most recently seen first.
@@ -767,7 +1003,7 @@ impl SessionService {
         let mut sessions = Vec::with_capacity(found.len());
         for s in &found {
             let policy = self.store.policy(&s.record.tenant).await?;
-            sessions.push(to_api(s, &policy, now));
+            sessions.push(self.view(s, &policy, now));
         }
         Ok(api::SessionList {
             sessions,
@@ -809,6 +1045,100 @@ impl SessionService {
         Ok(revoked.len() as u64)
     }
 
+    /// Revokes the user's active sessions that match every criterion of `req`; answers the
+    /// handles this call revoked. Each revocation is its own change with its own event.
+    pub async fn revoke_matching(
+        &self,
+        user_id: &str,
+        req: &api::RevokeSessionsRequest,
+        audit: &Audit,
+    ) -> Result<Vec<String>, CoreError> {
+        let audit = &self.scoped(audit);
+        let user_id = UserId::parse(user_id)?;
+        if req.handles.is_none()
+            && req.created_before.is_none()
+            && req.country.is_none()
+            && req.flagged.is_none()
+        {
+            return Err(CoreError::InvalidRequest(
+                "give at least one of handles, created_before, country and flagged".into(),
+            ));
+        }
+        let handles = match &req.handles {
+            Some(hs) if hs.len() > MAX_PAGE => {
+                return Err(CoreError::InvalidRequest(format!(
+                    "handles: at most {MAX_PAGE}"
+                )));
+            }
+            Some(hs) => Some(
+                hs.iter()
+                    .map(|h| SessionHandle::parse(h))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
+        if let Some(c) = &req.country
+            && !(c.len() == 2 && c.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            return Err(CoreError::InvalidRequest(
+                "country: an ISO 3166-1 alpha-2 code such as DE".into(),
+            ));
+        }
+        let tenant = req.tenant.as_deref().map(TenantId::parse).transpose()?;
+        let reason = req.reason.as_deref().unwrap_or("revoked");
+        validate_reason(reason)?;
+        let before = req.created_before.map(Timestamp::from_datetime);
+        let now = self.clock.now();
+        let mut matching = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_user(
+                    &ListQuery {
+                        user_id: user_id.clone(),
+                        tenant: tenant.clone(),
+                        include_ended: false,
+                        after: after.clone(),
+                        limit: MAX_PAGE,
+                    },
+                    now,
+                )
+                .await?;
+            for s in &page {
+                let r = &s.record;
+                let ok = handles.as_ref().is_none_or(|hs| hs.contains(&r.handle))
+                    && before.is_none_or(|b| r.created_at < b)
+                    // Without geolocation data no session has a country: none matches.
+                    && req.country.as_ref().is_none_or(|c| {
+                        self.place(r.device.ip)
+                            .and_then(|p| p.country)
+                            .is_some_and(|pc| &pc == c)
+                    })
+                    && req.flagged.is_none_or(|flagged| flagged != r.flags.is_empty());
+                if ok {
+                    matching.push(r.handle.clone());
+                }
+            }
+            match page.last() {
+                Some(s) if page.len() == MAX_PAGE => {
+                    after = Some((s.last_seen_at, s.record.handle.clone()));
+                }
+                _ => break,
+            }
+        }
+        let mut revoked = Vec::new();
+        for h in matching {
+            if let Some(out) = self.store.revoke(&h, reason, now, audit).await?
+                && out.revoked_now
+            {
+                revoked.push(h.as_str().to_owned());
+            }
+        }
+        self.publish(audit);
+        Ok(revoked)
+    }
+
     /// The tenant's policy document.
     pub async fn policy(&self, tenant: &str) -> Result<api::PolicyDocument, CoreError> {
         let tenant = TenantId::parse(tenant)?;
@@ -825,6 +1155,13 @@ impl SessionService {
         let audit = &self.scoped(audit);
         let tenant = TenantId::parse(tenant)?;
         let policy = Policy::new(doc)?;
+        if policy.document().impossible_travel.is_some() && self.locator.is_none() {
+            return Err(CoreError::InvalidPolicy(
+                "impossible_travel needs a geolocation database: start the server with \
+                 --geoip-db FILE.mmdb (the detector is off without one)"
+                    .into(),
+            ));
+        }
         let doc = policy.document().clone();
         let now = self.clock.now();
         self.store.put_policy(&tenant, policy, now, audit).await?;
@@ -896,6 +1233,14 @@ impl SessionService {
     pub async fn ready(&self) -> Result<(), CoreError> {
         Ok(self.store.ping().await?)
     }
+}
+
+/// A detector's finding about a session in use.
+struct Finding {
+    kind: EventKind,
+    flag: &'static str,
+    reason: &'static str,
+    details: Map<String, Value>,
 }
 
 /// Whether a session in a listing counts as active (helper for stores).

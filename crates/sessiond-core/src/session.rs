@@ -85,6 +85,8 @@ pub struct SessionRecord {
     /// Token mode: the refresh state ([`crate::refresh::RefreshState`] as JSON text), replaced
     /// atomically on each refresh. `None` for sessions without a refresh token.
     pub refresh: Option<Arc<str>>,
+    /// What detectors found (`binding_mismatch`, ...), in the order found, each once.
+    pub flags: Vec<Arc<str>>,
 }
 
 /// A session as read from a store: the shared record and the live `last_seen_at`.
@@ -298,6 +300,7 @@ pub fn to_api(s: &StoredSession, policy: &Policy, now: Timestamp) -> api::Sessio
         },
         data,
         revoked_reason: reason,
+        flags: rec.flags.iter().map(|f| f.to_string()).collect(),
     }
 }
 
@@ -324,6 +327,7 @@ mod tests {
             data: "{}".into(),
             state: StoredState::Active,
             refresh: None,
+            flags: Vec::new(),
         }
     }
 

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use crate::api;
 use crate::events::{Audit, Event, EventKind};
 use crate::policy::Policy;
-use crate::session::{AuthRecord, SessionRecord, StoredSession};
+use crate::session::{AuthRecord, DeviceRecord, SessionRecord, StoredSession};
 use crate::time::Timestamp;
 use crate::token::{SessionHandle, TenantId, TokenHash, UserId};
 
@@ -64,8 +64,17 @@ pub struct Rekey {
     pub refresh: Option<Arc<str>>,
     /// A fresh authentication.
     pub auth: Option<AuthRecord>,
-    /// The event the change records: rotated, reauthenticated or refreshed.
+    /// The event the change records: rotated, reauthenticated, refreshed, or a detector's
+    /// finding.
     pub event: EventKind,
+    /// The event's reason.
+    pub reason: Option<Arc<str>>,
+    /// A flag to add to the session (kept once).
+    pub flag: Option<Arc<str>>,
+    /// A new client to bind the session to.
+    pub device: Option<DeviceRecord>,
+    /// Details of the event.
+    pub details: Map<String, Value>,
 }
 
 impl Rekey {
@@ -75,6 +84,13 @@ impl Rekey {
             Expect::Token(h) => rec.token_hash.ct_eq(h),
             Expect::Refresh(text) => rec.refresh.as_deref() == Some(&**text),
         }
+    }
+
+    /// The event this change records about the session as changed (`new`).
+    pub fn event_for(&self, audit: &Audit, now: Timestamp, new: &SessionRecord) -> Event {
+        let mut e = audit.session_event(self.event, now, new, self.reason.as_deref());
+        e.details.extend(self.details.clone());
+        e
     }
 
     /// The record after the change; `last_seen_at` becomes `max(last_seen, now)`.
@@ -93,6 +109,14 @@ impl Rekey {
         }
         if let Some(a) = &self.auth {
             new.auth = a.clone();
+        }
+        if let Some(d) = &self.device {
+            new.device = d.clone();
+        }
+        if let Some(f) = &self.flag
+            && !new.flags.contains(f)
+        {
+            new.flags.push(f.clone());
         }
         new.last_seen_at = last_seen.max(now);
         new

@@ -82,6 +82,62 @@ pub struct Config {
     pub events: EventsConfig,
     /// Webhook delivery, and endpoints fixed by the configuration (`[webhooks]`).
     pub webhooks: WebhooksConfig,
+    /// Brute-force and creation limits (`[protection]`).
+    pub protection: ProtectionConfig,
+    /// A MaxMind-format city database (`.mmdb`, such as GeoLite2 City): sessions show their
+    /// location, and policies may enable impossible-travel detection. Off without one.
+    pub geoip_db: Option<PathBuf>,
+}
+
+/// Brute-force and creation limits (`[protection]`), counted per node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtectionConfig {
+    /// Whether the limits apply.
+    pub enabled: bool,
+    /// Length of the sliding window, in seconds.
+    pub window_s: u64,
+    /// Unknown or invalid tokens from one client network (an IPv4 address, an IPv6 /64) in a
+    /// window before its verifies are refused (`429 too_many_attempts`).
+    pub verify_failures: u32,
+    /// The first block, in seconds; it doubles with each further multiple of
+    /// `verify_failures` in the window.
+    pub block_s: u64,
+    /// The longest block, in seconds.
+    pub block_max_s: u64,
+    /// Sessions created per user (and tenant) in a window (0: no limit).
+    pub creates_per_user: u32,
+    /// Sessions created per client network in a window (0: no limit).
+    pub creates_per_ip: u32,
+}
+
+impl Default for ProtectionConfig {
+    fn default() -> Self {
+        let g = sessiond_core::guard::GuardConfig::default();
+        Self {
+            enabled: true,
+            window_s: g.window_s,
+            verify_failures: g.verify_failures,
+            block_s: g.block_s,
+            block_max_s: g.block_max_s,
+            creates_per_user: g.creates_per_user,
+            creates_per_ip: g.creates_per_ip,
+        }
+    }
+}
+
+impl ProtectionConfig {
+    /// The guard's thresholds, or `None` when the limits are off.
+    pub fn guard(&self) -> Option<sessiond_core::guard::GuardConfig> {
+        self.enabled.then_some(sessiond_core::guard::GuardConfig {
+            window_s: self.window_s,
+            verify_failures: self.verify_failures,
+            block_s: self.block_s,
+            block_max_s: self.block_max_s,
+            creates_per_user: self.creates_per_user,
+            creates_per_ip: self.creates_per_ip,
+        })
+    }
 }
 
 /// The audit log's settings (`[events]`).
@@ -303,6 +359,8 @@ impl std::fmt::Debug for Config {
             .field("jwt", &self.jwt)
             .field("events", &self.events)
             .field("webhooks", &self.webhooks)
+            .field("protection", &self.protection)
+            .field("geoip_db", &self.geoip_db)
             .finish()
     }
 }
@@ -334,6 +392,8 @@ impl Default for Config {
             jwt: JwtConfig::default(),
             events: EventsConfig::default(),
             webhooks: WebhooksConfig::default(),
+            protection: ProtectionConfig::default(),
+            geoip_db: None,
         }
     }
 }
@@ -355,6 +415,9 @@ pub struct Overrides {
     /// `--store`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// `--geoip-db`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub geoip_db: Option<PathBuf>,
 }
 
 /// Environment variables read by the command line itself rather than as configuration keys.
@@ -463,6 +526,18 @@ impl Config {
             return bad("webhooks.timeout_ms: between 100 and 120000".into());
         }
         w.endpoints()?;
+        let p = &self.protection;
+        if !(1..=86_400).contains(&p.window_s) {
+            return bad("protection.window_s: between 1 and 86400".into());
+        }
+        if p.verify_failures == 0 {
+            return bad("protection.verify_failures: at least 1".into());
+        }
+        if p.block_s == 0 || p.block_max_s < p.block_s || p.block_max_s > 86_400 {
+            return bad(
+                "protection.block_s and block_max_s: 1 <= block_s <= block_max_s <= 86400".into(),
+            );
+        }
         Ok(())
     }
 

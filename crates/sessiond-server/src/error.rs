@@ -85,6 +85,7 @@ pub fn core_status(e: &CoreError) -> (StatusCode, &'static str) {
         CoreError::TokenReused => (S::UNAUTHORIZED, codes::TOKEN_REUSED),
         CoreError::TokenInvalid(_) => (S::UNAUTHORIZED, codes::TOKEN_INVALID),
         CoreError::TokenExpired => (S::UNAUTHORIZED, codes::TOKEN_EXPIRED),
+        CoreError::TooManyAttempts(_) => (S::TOO_MANY_REQUESTS, codes::TOO_MANY_ATTEMPTS),
         CoreError::Store(_) => (S::SERVICE_UNAVAILABLE, codes::STORE_UNAVAILABLE),
         CoreError::Internal(_) => (S::INTERNAL_SERVER_ERROR, codes::INTERNAL),
     }
@@ -122,6 +123,13 @@ impl IntoResponse for ApiError {
                 return res;
             }
             ApiError::RequestTimeout => (S::SERVICE_UNAVAILABLE, codes::REQUEST_TIMEOUT, detail),
+            ApiError::Core(CoreError::TooManyAttempts(secs)) => {
+                let mut res = problem(S::TOO_MANY_REQUESTS, codes::TOO_MANY_ATTEMPTS, detail);
+                if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                    res.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                return res;
+            }
             ApiError::Core(e) => {
                 let (status, code) = core_status(&e);
                 let detail = match &e {

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use sessiond_api::{
     Cookie, CreateSessionRequest, DeliveryList, DeliveryState, EventList, EventQueryParams,
     ForceLogoutResponse, JwkSet, LogoutResponse, PatchSessionRequest, PolicyDocument, Problem,
-    ReauthenticateRequest, RefreshRequest, SessionList, SessionResponse, SessionWithToken,
-    TokenPair, TokenRequest, VerifyRequest, Webhook, WebhookInput, WebhookList,
+    ReauthenticateRequest, RefreshRequest, RevokeSessionsRequest, RevokeSessionsResponse,
+    SessionList, SessionResponse, SessionWithToken, TokenPair, TokenRequest, VerifyRequest,
+    Webhook, WebhookInput, WebhookList,
 };
 use sessiond_core::service::{Issued, StatusFilter};
 use utoipa::{IntoParams, ToSchema};
@@ -48,6 +49,7 @@ fn with_token(i: Issued) -> SessionWithToken {
         (status = 409, description = "`session_limit_reached`: the user is at the policy's session limit and `on_limit` is `deny`.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body is over the configured limit; `data_too_large`: the session data would be over its limit.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`too_many_attempts`: too many sessions created for this user or from this client network in the window; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
     ),
@@ -76,6 +78,7 @@ pub async fn create(
         (status = 409, description = "`conflict`: a concurrent change to the same session won; retry.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`too_many_attempts`: the client network (`client.ip`) presented too many unknown tokens and is blocked; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
     ),
@@ -235,7 +238,7 @@ pub async fn reauthenticate(
 ) -> ApiResult<SessionWithToken> {
     Ok(Json(with_token(
         s.service
-            .reauthenticate(&req.token, &req.auth, admin.audit())
+            .reauthenticate(&req.token, &req.auth, req.client.as_ref(), admin.audit())
             .await?,
     )))
 }
@@ -480,6 +483,39 @@ pub async fn force_logout(
         )
         .await?;
     Ok(Json(ForceLogoutResponse { revoked }))
+}
+
+/// `POST /v1/users/{user_id}/sessions/revoke`
+#[utoipa::path(
+    post,
+    path = "/v1/users/{user_id}/sessions/revoke",
+    tag = "users",
+    params(("user_id" = String, Path, min_length = 1, description = "The user's id.")),
+    request_body(content = RevokeSessionsRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The sessions this call revoked.", body = RevokeSessionsResponse),
+        (status = 400, description = "`invalid_request`: no criterion, an invalid handle, country, tenant or reason, or an unknown field.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`store_unavailable`: the store cannot be reached; `overloaded`, `request_timeout`.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("api_key" = [])),
+)]
+pub async fn revoke_sessions(
+    admin: Admin,
+    State(s): State<AppState>,
+    Path(user_id): Path<String>,
+    StrictJson(req): StrictJson<RevokeSessionsRequest>,
+) -> ApiResult<RevokeSessionsResponse> {
+    let handles = s
+        .service
+        .revoke_matching(&user_id, &req, admin.audit())
+        .await?;
+    Ok(Json(RevokeSessionsResponse {
+        revoked: handles.len() as u64,
+        handles,
+    }))
 }
 
 /// `GET /v1/tenants/{tenant}/policy`

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod geoip;
 pub mod handlers;
 pub mod limits;
 pub mod metrics;
@@ -123,6 +124,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/users/{user_id}/sessions",
             get(handlers::list_user_sessions).delete(handlers::force_logout),
+        )
+        .route(
+            "/v1/users/{user_id}/sessions/revoke",
+            post(handlers::revoke_sessions),
         )
         .route(
             "/v1/tenants/{tenant}/policy",
@@ -355,7 +360,8 @@ impl Server {
             config.jwt.sealing_key()?,
             config.jwt.signing_alg()?,
         ));
-        match jwt_keys.reload(clock.now()).await {
+        let started = clock.now();
+        match jwt_keys.reload(started).await {
             Ok(()) => {}
             // The keyring loads on first need once the store answers (like every request).
             Err(CoreError::Store(e)) => {
@@ -375,6 +381,24 @@ impl Server {
             },
         )
         .with_keys(jwt_keys);
+        let service = match config.protection.guard() {
+            Some(g) => service.with_guard(Arc::new(sessiond_core::guard::Guard::new(g, started))),
+            None => service,
+        };
+        let service = match &config.geoip_db {
+            Some(path) => {
+                let locator = geoip::MmdbLocator::open(path).map_err(ConfigError)?;
+                tracing::info!(db = %path.display(), "geolocation: on");
+                service.with_locator(Arc::new(locator))
+            }
+            None => {
+                tracing::info!(
+                    "geolocation: off (no geoip_db): sessions show no location and \
+                     impossible-travel detection is unavailable"
+                );
+                service
+            }
+        };
         let service = Arc::new(service);
         let webhooks = webhooks::Webhooks::new(
             service.clone(),

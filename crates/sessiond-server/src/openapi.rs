@@ -46,6 +46,7 @@ const CACHE_CONTROL: &str = "public, max-age=3600";
         handlers::revoke_session,
         handlers::list_user_sessions,
         handlers::force_logout,
+        handlers::revoke_sessions,
         handlers::get_policy,
         handlers::put_policy,
         handlers::refresh,

@@ -59,6 +59,7 @@ pub fn record(user: &str, tenant: &str, at: Timestamp) -> (SessionRecord, TokenH
         data: r#"{"cart":1}"#.into(),
         state: StoredState::Active,
         refresh: None,
+        flags: Vec::new(),
     };
     (rec, hash)
 }
@@ -78,6 +79,10 @@ fn rekey(old: TokenHash, new: TokenHash, auth: Option<AuthRecord>) -> Rekey {
         refresh: None,
         auth,
         event: EventKind::SessionRotated,
+        reason: None,
+        flag: None,
+        device: None,
+        details: Map::new(),
     }
 }
 
@@ -89,6 +94,10 @@ fn swap(old: &str, new: &str) -> Rekey {
         refresh: Some(new.into()),
         auth: None,
         event: EventKind::SessionRefreshed,
+        reason: None,
+        flag: None,
+        device: None,
+        details: Map::new(),
     }
 }
 
@@ -1213,6 +1222,50 @@ pub async fn outbox_fans_out_to_deliveries(f: &dyn StoreFactory) {
     assert_eq!(left, vec![d2.id.clone()]);
 }
 
+pub async fn flags_and_rebinding_persist_with_their_event(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (rec, hash) = record("pia", "default", t(0));
+    insert(&*s, &rec, t(0)).await;
+    let mut moved = rec.device.clone();
+    moved.ip = Some("198.51.100.4".parse().unwrap());
+    moved.browser = Some("Safari".into());
+    let change = Rekey {
+        expect: Expect::Token(hash),
+        token_hash: None,
+        refresh: None,
+        auth: None,
+        event: EventKind::SecurityBindingMismatch,
+        reason: Some("ip".into()),
+        flag: Some("binding_mismatch".into()),
+        device: Some(moved.clone()),
+        details: Map::new(),
+    };
+    assert!(matches!(
+        s.rotate(&rec.handle, &change, t(1), &audit())
+            .await
+            .unwrap(),
+        RotateOutcome::Rotated(_)
+    ));
+    // The same flag again is kept once.
+    assert!(matches!(
+        s.rotate(&rec.handle, &change, t(2), &audit())
+            .await
+            .unwrap(),
+        RotateOutcome::Rotated(_)
+    ));
+    let s2 = f.open().await;
+    let found = s2.find_by_token(&hash).await.unwrap().unwrap();
+    assert_eq!(
+        found.record.flags,
+        vec![std::sync::Arc::<str>::from("binding_mismatch")]
+    );
+    assert_eq!(found.record.device, moved);
+    let evs = user_events(&*s2, "pia").await;
+    assert_eq!(evs.len(), 3);
+    assert_eq!(evs[1].event_type, "security.binding_mismatch");
+    assert_eq!(evs[1].reason.as_deref(), Some("ip"));
+}
+
 pub async fn active_sessions_are_counted_per_tenant(f: &dyn StoreFactory) {
     let s = f.open().await;
     let (a, _) = record("nia", "default", t(0));
@@ -1263,6 +1316,7 @@ macro_rules! conformance_suite {
             event_queries_filter_and_page,
             outbox_fans_out_to_deliveries,
             active_sessions_are_counted_per_tenant,
+            flags_and_rebinding_persist_with_their_event,
             ping_answers
         );
     };

@@ -400,7 +400,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     state            TEXT NOT NULL,
     revoked_reason   TEXT,
     ended_at         INTEGER,
-    refresh          TEXT
+    refresh          TEXT,
+    flags            TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_ended ON sessions(ended_at) WHERE ended_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS policies (
@@ -448,10 +449,10 @@ CREATE INDEX IF NOT EXISTS deliveries_webhook ON deliveries(webhook, id);
 /// The columns of `sessions`, in the order of [`Row`]'s fields.
 pub(crate) const COLUMNS: &str = "handle, token_hash, user_id, tenant, created_at, last_seen_at, \
     remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os, data, \
-    state, revoked_reason, ended_at, refresh";
+    state, revoked_reason, ended_at, refresh, flags";
 
 /// The schema version this build writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
@@ -474,6 +475,11 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     if version == 1 {
         // Version 2 adds token mode's refresh state.
         conn.execute_batch("ALTER TABLE sessions ADD COLUMN refresh TEXT")
+            .map_err(backend)?;
+    }
+    if (1..4).contains(&version) {
+        // Version 4 adds the detectors' flags.
+        conn.execute_batch("ALTER TABLE sessions ADD COLUMN flags TEXT")
             .map_err(backend)?;
     }
     conn.execute_batch(SCHEMA).map_err(backend)?;
@@ -535,6 +541,7 @@ fn load(conn: &Connection, shared: &Shared) -> Result<usize, StoreError> {
             revoked_reason: r.get(16).map_err(backend)?,
             ended_at: r.get(17).map_err(backend)?,
             refresh: r.get(18).map_err(backend)?,
+            flags: r.get(19).map_err(backend)?,
         };
         shared.index(row.into_record(&mut intern)?);
         n += 1;
@@ -962,9 +969,12 @@ fn apply(
                 let new = change.apply(&rec, ls, now);
                 tx.prepare_cached(
                     "UPDATE sessions SET token_hash = ?2, last_seen_at = ?3, auth_method = ?4,
-                            auth_aal = ?5, authenticated_at = ?6, refresh = ?7 WHERE handle = ?1",
+                            auth_aal = ?5, authenticated_at = ?6, refresh = ?7, ip = ?8,
+                            user_agent = ?9, browser = ?10, os = ?11, flags = ?12
+                     WHERE handle = ?1",
                 )
                 .and_then(|mut s| {
+                    let r = Row::from_record(&new);
                     s.execute(params![
                         handle.as_str(),
                         &new.token_hash.as_bytes()[..],
@@ -973,6 +983,11 @@ fn apply(
                         new.auth.aal,
                         new.auth.authenticated_at.as_millis(),
                         new.refresh.as_deref(),
+                        r.ip,
+                        r.user_agent,
+                        r.browser,
+                        r.os,
+                        r.flags,
                     ])
                 })
                 .map_err(backend)?;
@@ -985,7 +1000,7 @@ fn apply(
                     rec: new.clone(),
                 });
                 staged.overlay.insert(handle, Some((entry, new.clone())));
-                let e = audit.session_event(change.event, now, &new, None);
+                let e = change.event_for(&audit, now, &new);
                 record_events(tx, &audit, vec![e], effects)?;
                 Ok(RotateOutcome::Rotated(stored(new)))
             })();
@@ -1300,7 +1315,7 @@ fn insert_row(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> Result<(), S
     tx.prepare_cached(&format!(
         "INSERT INTO sessions ({COLUMNS})
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                 ?19)"
+                 ?19, ?20)"
     ))
     .and_then(|mut s| {
         s.execute(params![
@@ -1323,6 +1338,7 @@ fn insert_row(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> Result<(), S
             r.revoked_reason,
             r.ended_at,
             r.refresh,
+            r.flags,
         ])
     })
     .map_err(backend)?;

@@ -116,6 +116,15 @@ fn migrator() -> Migrator {
                 )),
                 false,
             ),
+            Migration::new(
+                4,
+                "flags".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(include_str!(
+                    "../migrations/postgres/0004_flags.sql"
+                )),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }
@@ -146,14 +155,14 @@ impl std::fmt::Debug for PostgresStore {
 
 const SELECT: &str = "SELECT handle, token_hash, user_id, tenant, created_at, last_seen_at, \
     remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os, data, \
-    state, revoked_reason, ended_at, refresh FROM sessions";
+    state, revoked_reason, ended_at, refresh, flags FROM sessions";
 
-/// The session of a token hash and its tenant's stored policy document (column 19), in one
+/// The session of a token hash and its tenant's stored policy document (column 20), in one
 /// indexed lookup: the verify path's only query.
 const SELECT_WITH_POLICY: &str = "SELECT s.handle, s.token_hash, s.user_id, s.tenant, \
     s.created_at, s.last_seen_at, s.remember_me, s.auth_method, s.auth_aal, s.authenticated_at, \
     s.ip, s.user_agent, s.browser, s.os, s.data, s.state, s.revoked_reason, s.ended_at, \
-    s.refresh, p.document FROM sessions s LEFT JOIN policies p ON p.tenant = s.tenant \
+    s.refresh, s.flags, p.document FROM sessions s LEFT JOIN policies p ON p.tenant = s.tenant \
     WHERE s.token_hash = $1";
 
 fn to_row(r: &PgRow) -> Result<Row, sqlx::Error> {
@@ -177,6 +186,7 @@ fn to_row(r: &PgRow) -> Result<Row, sqlx::Error> {
         revoked_reason: r.try_get(16)?,
         ended_at: r.try_get(17)?,
         refresh: r.try_get(18)?,
+        flags: r.try_get(19)?,
     })
 }
 
@@ -608,9 +618,9 @@ impl SessionStore for PostgresStore {
         sqlx::query(
             "INSERT INTO sessions (handle, token_hash, user_id, tenant, created_at, last_seen_at,
                 remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os,
-                data, state, revoked_reason, ended_at, refresh)
+                data, state, revoked_reason, ended_at, refresh, flags)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                     $19)",
+                     $19, $20)",
         )
         .bind(&r.handle)
         .bind(&r.token_hash)
@@ -631,6 +641,7 @@ impl SessionStore for PostgresStore {
         .bind(&r.revoked_reason)
         .bind(r.ended_at)
         .bind(&r.refresh)
+        .bind(&r.flags)
         .execute(&mut *tx)
         .await
         .map_err(err)?;
@@ -669,7 +680,7 @@ impl SessionStore for PostgresStore {
             return Ok(None);
         };
         let rec = to_record(&row)?;
-        let doc: Option<String> = row.try_get(19).map_err(err)?;
+        let doc: Option<String> = row.try_get(20).map_err(err)?;
         let policy = self.parse_policy(rec.tenant.as_str(), doc)?;
         Ok(Some((self.live(rec), policy)))
     }
@@ -742,9 +753,11 @@ impl SessionStore for PostgresStore {
             return Ok(RotateOutcome::Stale);
         }
         let new = change.apply(&live.record, live.last_seen_at, now);
+        let row = Row::from_record(&new);
         sqlx::query(
             "UPDATE sessions SET token_hash = $2, last_seen_at = GREATEST(last_seen_at, $3),
-                    auth_method = $4, auth_aal = $5, authenticated_at = $6, refresh = $7
+                    auth_method = $4, auth_aal = $5, authenticated_at = $6, refresh = $7,
+                    ip = $8, user_agent = $9, browser = $10, os = $11, flags = $12
              WHERE handle = $1",
         )
         .bind(handle.as_str())
@@ -754,10 +767,15 @@ impl SessionStore for PostgresStore {
         .bind(i16::from(new.auth.aal))
         .bind(new.auth.authenticated_at.as_millis())
         .bind(new.refresh.as_deref())
+        .bind(&row.ip)
+        .bind(&row.user_agent)
+        .bind(&row.browser)
+        .bind(&row.os)
+        .bind(&row.flags)
         .execute(&mut *tx)
         .await
         .map_err(err)?;
-        let events = vec![audit.session_event(change.event, now, &new, None)];
+        let events = vec![change.event_for(audit, now, &new)];
         write_events(&mut *tx, &events).await?;
         tx.commit().await.map_err(err)?;
         audit.committed(events);

@@ -1442,7 +1442,7 @@ impl SessionStore for RedisStore {
             let key = self.rec_key(&l.tag, handle.as_str());
             cas.check_row(key.clone(), &l.row_text);
             cas.write("row", key, Self::row_json(&new)?, ttl);
-            let event = audit.session_event(change.event, now, &new, None);
+            let event = change.event_for(audit, now, &new);
             cas.events(
                 &self.user_events_key(&l.tag),
                 std::slice::from_ref(&event),

@@ -53,6 +53,9 @@ pub struct Row {
     /// Token mode's refresh state (JSON text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<String>,
+    /// Detectors' flags, comma-separated; `None` when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<String>,
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -89,6 +92,7 @@ impl Row {
             revoked_reason,
             ended_at,
             refresh: r.refresh.as_deref().map(str::to_owned),
+            flags: (!r.flags.is_empty()).then(|| r.flags.join(",")),
         }
     }
 
@@ -138,6 +142,16 @@ impl Row {
             data: self.data.into(),
             state,
             refresh: self.refresh.map(Into::into),
+            flags: self
+                .flags
+                .as_deref()
+                .map(|f| {
+                    f.split(',')
+                        .filter(|x| !x.is_empty())
+                        .map(|x| intern(x.to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 }

@@ -179,7 +179,7 @@ async fn step_up_requirements_and_reauthentication() {
     };
     let stepped = f
         .svc
-        .reauthenticate(&t, &auth, &Audit::default())
+        .reauthenticate(&t, &auth, None, &Audit::default())
         .await
         .unwrap();
     let t2 = stepped.token.expose().to_owned();

@@ -81,6 +81,10 @@ struct StoreArgs {
     /// TOML configuration file.
     #[arg(long, value_name = "FILE", env = "SESSIOND_CONFIG")]
     config: Option<PathBuf>,
+    /// A MaxMind-format city database (GeoLite2 City .mmdb): session locations and
+    /// impossible-travel detection. Also SESSIOND_GEOIP_DB.
+    #[arg(long, value_name = "FILE.mmdb")]
+    geoip_db: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -92,6 +96,7 @@ impl StoreArgs {
                 listen,
                 data_dir: self.data_dir,
                 store: self.store,
+                geoip_db: self.geoip_db,
             },
         )?)
     }

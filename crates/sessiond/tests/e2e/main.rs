@@ -10,6 +10,7 @@ mod metrics;
 mod multinode;
 mod outage;
 mod process;
+mod protection;
 mod readme;
 mod tokens;
 

@@ -1072,7 +1072,13 @@ impl SessionService {
             }
             Some(hs) => Some(
                 hs.iter()
-                    .map(|h| SessionHandle::parse(h))
+                    .map(|h| {
+                        SessionHandle::parse(h).map_err(|_| {
+                            CoreError::InvalidRequest(
+                                "handles: each must be a session handle".into(),
+                            )
+                        })
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
             ),
             None => None,
@@ -1209,7 +1215,15 @@ impl SessionService {
         };
         let query = EventQuery {
             user_id: q.user_id.as_deref().map(UserId::parse).transpose()?,
-            handle: q.handle.as_deref().map(SessionHandle::parse).transpose()?,
+            handle: q
+                .handle
+                .as_deref()
+                .map(|h| {
+                    SessionHandle::parse(h).map_err(|_| {
+                        CoreError::InvalidRequest("handle must be a session handle".into())
+                    })
+                })
+                .transpose()?,
             event_type,
             since: q.since.map(Timestamp::from_datetime),
             until: q.until.map(Timestamp::from_datetime),

@@ -763,7 +763,7 @@ pub struct DeliveryParams {
     params(("name" = String, Path, pattern = "^[a-z0-9_-]{1,64}$", description = "The webhook's name."), DeliveryParams),
     responses(
         (status = 200, description = "A page of the webhook's deliveries, newest first (`state=dead`: the dead letters).", body = DeliveryList),
-        (status = 400, description = "`invalid_request`: an unknown or invalid query parameter.", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid_request`: an unknown or invalid query parameter, or a name that cannot be a webhook's.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = PROBLEM_401, body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`: the store cannot be reached.", body = Problem, content_type = "application/problem+json"),
     ),

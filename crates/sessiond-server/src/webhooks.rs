@@ -366,6 +366,10 @@ impl Webhooks {
 
     /// Deletes an endpoint; its pending deliveries are dead-lettered when next due.
     pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
+        // No webhook can have a name that is not one.
+        if !valid_name(name) {
+            return Err(ApiError::NotFound);
+        }
         self.check_name(name)?;
         let mut found = false;
         self.change(|doc| {
@@ -414,7 +418,9 @@ impl Webhooks {
         limit: Option<usize>,
     ) -> Result<api::DeliveryList, ApiError> {
         if !valid_name(name) {
-            return Err(ApiError::NotFound);
+            return Err(ApiError::InvalidRequest(
+                "a webhook name is 1 to 64 characters of a-z, 0-9, '_' and '-'".into(),
+            ));
         }
         let limit = limit.unwrap_or(sessiond_core::service::DEFAULT_PAGE);
         if limit == 0 || limit > sessiond_core::service::MAX_PAGE {

@@ -149,6 +149,8 @@ impl SessionService {
         out.device.location = self.place(s.record.device.ip).map(|p| api::Location {
             country: p.country,
             city: p.city,
+            latitude: p.coordinates.map(|c| c.0),
+            longitude: p.coordinates.map(|c| c.1),
         });
         out
     }

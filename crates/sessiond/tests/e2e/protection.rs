@@ -389,7 +389,7 @@ async fn locations_and_impossible_travel_with_a_city_database() {
     let got = s.get(&format!("/v1/sessions/{h_berlin}")).await;
     assert_eq!(
         got.body["session"]["device"]["location"],
-        json!({"country": "DE", "city": "Berlin"})
+        json!({"country": "DE", "city": "Berlin", "latitude": 52.52, "longitude": 13.405})
     );
     // Used in Berlin, then seconds later from Tokyo: about 8,900 km in no time.
     assert_eq!(

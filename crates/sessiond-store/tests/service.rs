@@ -619,9 +619,11 @@ mod tokens {
             "a re-issued pair is not a second refresh"
         );
         // A refresh token that never existed for this session changes nothing.
+        // Another last character that still decodes (the last of 43 base64 characters holds 4
+        // bits; its low 2 must be 0): the same handle with a secret that was never issued.
         let mut forged = r3.refresh_token.expose().to_owned();
-        forged.pop();
-        forged.push(if forged.ends_with('A') { 'B' } else { 'A' });
+        let last = forged.pop().unwrap();
+        forged.push(if last == 'A' { 'E' } else { 'A' });
         assert!(matches!(
             t.f.svc.refresh(&forged, &Audit::default()).await,
             Err(CoreError::SessionUnknown)

@@ -978,12 +978,7 @@ impl SessionService {
     ) -> Result<api::SessionList, CoreError> {
         let user_id = UserId::parse(user_id)?;
         let tenant = tenant.map(TenantId::parse).transpose()?;
-        let limit = limit.unwrap_or(DEFAULT_PAGE);
-        if limit == 0 || limit > MAX_PAGE {
-            return Err(CoreError::InvalidRequest(format!(
-                "limit must be 1 to {MAX_PAGE}"
-            )));
-        }
+        let limit = page_size(limit)?;
         let after = cursor.map(decode_cursor).transpose()?;
         let now = self.clock.now();
         let query = ListQuery {
@@ -1195,12 +1190,7 @@ impl SessionService {
 
     /// A page of events, newest first.
     pub async fn events(&self, q: &api::EventQueryParams) -> Result<api::EventList, CoreError> {
-        let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-        if limit == 0 || limit > MAX_PAGE {
-            return Err(CoreError::InvalidRequest(format!(
-                "limit must be 1 to {MAX_PAGE}"
-            )));
-        }
+        let limit = page_size(q.limit)?;
         let before_id = match q.cursor.as_deref() {
             None => None,
             Some(c) if crate::events::is_event_id(c) => Some(c.to_owned()),
@@ -1262,6 +1252,17 @@ struct Finding {
 /// Whether a session in a listing counts as active (helper for stores).
 pub fn is_active(s: &StoredSession, policy: &Policy, now: Timestamp) -> bool {
     liveness(&s.record, s.last_seen_at, policy, now) == Liveness::Active
+}
+
+/// The page size of a listing: `limit`, or the default; 1 to [`MAX_PAGE`].
+pub fn page_size(limit: Option<usize>) -> Result<usize, CoreError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(CoreError::InvalidRequest(format!(
+            "limit must be 1 to {MAX_PAGE}"
+        )));
+    }
+    Ok(limit)
 }
 
 /// Whether `t` looks like an event type: `word.word`, lowercase with underscores.

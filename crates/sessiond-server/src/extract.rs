@@ -10,6 +10,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 use sessiond_core::events::Audit;
+use sessiond_core::guard::EventGate;
 use sessiond_core::service::SessionService;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -155,20 +156,16 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// Records `auth.failed` events, at most [`AuthFailures::PER_SECOND`] per second per node so
-/// that a flood of bad keys cannot turn into a flood of writes (the rest are only counted in
-/// the log of the next recorded one).
+/// Records `auth.failed` events, at most [`EventGate::PER_SECOND`] per second per node so that
+/// a flood of bad keys cannot turn into a flood of writes (the rest are only counted in the
+/// next recorded one).
 #[derive(Debug, Default)]
 pub struct AuthFailures {
-    window: std::sync::atomic::AtomicI64,
-    count: std::sync::atomic::AtomicU32,
+    gate: EventGate,
     dropped: std::sync::atomic::AtomicU64,
 }
 
 impl AuthFailures {
-    /// Most events recorded per second.
-    pub const PER_SECOND: u32 = 20;
-
     fn record(
         &self,
         service: &Arc<SessionService>,
@@ -178,11 +175,7 @@ impl AuthFailures {
     ) {
         use std::sync::atomic::Ordering::Relaxed;
         let now = service.now();
-        let second = now.as_millis() / 1000;
-        if self.window.swap(second, Relaxed) != second {
-            self.count.store(0, Relaxed);
-        }
-        if self.count.fetch_add(1, Relaxed) >= Self::PER_SECOND {
+        if !self.gate.allow(now) {
             self.dropped.fetch_add(1, Relaxed);
             return;
         }

@@ -422,13 +422,7 @@ impl Webhooks {
                 "a webhook name is 1 to 64 characters of a-z, 0-9, '_' and '-'".into(),
             ));
         }
-        let limit = limit.unwrap_or(sessiond_core::service::DEFAULT_PAGE);
-        if limit == 0 || limit > sessiond_core::service::MAX_PAGE {
-            return Err(ApiError::InvalidRequest(format!(
-                "limit must be 1 to {}",
-                sessiond_core::service::MAX_PAGE
-            )));
-        }
+        let limit = sessiond_core::service::page_size(limit)?;
         if cursor.is_some_and(|c| c.len() > 200 || !c.is_ascii()) {
             return Err(ApiError::InvalidRequest("invalid cursor".into()));
         }

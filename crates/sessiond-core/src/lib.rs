@@ -27,6 +27,7 @@ pub mod session;
 pub mod store;
 pub mod time;
 pub mod token;
+pub mod wire;
 
 pub use error::CoreError;
 

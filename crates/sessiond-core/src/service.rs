@@ -29,6 +29,7 @@ use crate::store::{
 };
 use crate::time::{Clock, Timestamp};
 use crate::token::{SessionHandle, SessionToken, TenantId, TokenFormat, TokenHash, UserId};
+use crate::wire::SessionJson;
 
 /// How far in the future a client-supplied `authenticated_at` may be (clock skew).
 const MAX_CLOCK_SKEW_S: u64 = 60;
@@ -83,6 +84,40 @@ pub struct Refreshed {
     pub access_token_expires_at: Timestamp,
     /// The new refresh token.
     pub refresh_token: RefreshToken,
+}
+
+/// The answer of a verify: the session as stored (its last use slid to `now`), the policy it
+/// was judged under, and the device's location when geolocation is on.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The session.
+    pub session: StoredSession,
+    /// Its tenant's policy.
+    pub policy: Arc<Policy>,
+    /// When it was verified.
+    pub now: Timestamp,
+    /// Where its device is, when geolocation is on.
+    pub location: Option<api::Location>,
+}
+
+impl Verified {
+    /// The wire object of the session.
+    pub fn to_api(&self) -> api::Session {
+        let mut out = to_api(&self.session, &self.policy, self.now);
+        out.device.location = self.location.clone();
+        out
+    }
+
+    /// `{"session": …}`, serializable straight from the record: the same JSON as a
+    /// [`api::SessionResponse`] of [`Verified::to_api`].
+    pub fn json(&self) -> SessionJson<'_> {
+        SessionJson {
+            session: &self.session,
+            policy: &self.policy,
+            now: self.now,
+            location: self.location.as_ref(),
+        }
+    }
 }
 
 /// Which sessions a listing shows.
@@ -146,13 +181,17 @@ impl SessionService {
     /// The session object, with its location when a geolocation database is configured.
     fn view(&self, s: &StoredSession, policy: &Policy, now: Timestamp) -> api::Session {
         let mut out = to_api(s, policy, now);
-        out.device.location = self.place(s.record.device.ip).map(|p| api::Location {
+        out.device.location = self.location(s.record.device.ip);
+        out
+    }
+
+    fn location(&self, ip: Option<std::net::IpAddr>) -> Option<api::Location> {
+        self.place(ip).map(|p| api::Location {
             country: p.country,
             city: p.city,
             latitude: p.coordinates.map(|c| c.0),
             longitude: p.coordinates.map(|c| c.1),
-        });
-        out
+        })
     }
 
     fn place(&self, ip: Option<std::net::IpAddr>) -> Option<crate::geo::Place> {
@@ -553,6 +592,13 @@ impl SessionService {
 
     /// Verifies a presented token: valid sessions slide their idle expiry.
     pub async fn verify(&self, req: &api::VerifyRequest) -> Result<api::Session, CoreError> {
+        self.verify_session(req).await.map(|v| v.to_api())
+    }
+
+    /// [`SessionService::verify`], answering the verified session as stored rather than as the
+    /// wire object: the hot path serializes it with [`Verified::json`] without building an
+    /// [`api::Session`], and a caller in process reads the record directly.
+    pub async fn verify_session(&self, req: &api::VerifyRequest) -> Result<Verified, CoreError> {
         if let Some(r) = &req.require {
             validate_requirements(r)?;
         }
@@ -640,7 +686,13 @@ impl SessionService {
         }
         self.store.touch(&found, &policy, now).await?;
         found.last_seen_at = found.last_seen_at.max(now);
-        Ok(self.view(&found, &policy, now))
+        let location = self.location(found.record.device.ip);
+        Ok(Verified {
+            session: found,
+            policy,
+            now,
+            location,
+        })
     }
 
     /// Finds the active session of a presented access token: signature, times, issuer and

@@ -104,11 +104,16 @@ impl Entry {
     }
 }
 
+/// The hasher of the session indexes.
+type FastHash = foldhash::fast::RandomState;
+
 /// State shared by the async front and the writer thread.
 #[derive(Debug)]
 struct Shared {
-    by_token: DashMap<TokenHash, Arc<Entry>>,
-    by_handle: DashMap<SessionHandle, Arc<Entry>>,
+    // Both keys are made by the server from the OS CSPRNG (the token hash is a SHA-256), so no
+    // caller can choose colliding keys: a fast seeded hash instead of SipHash on the hot path.
+    by_token: DashMap<TokenHash, Arc<Entry>, FastHash>,
+    by_handle: DashMap<SessionHandle, Arc<Entry>, FastHash>,
     by_user: DashMap<UserId, Vec<SessionHandle>>,
     policies: RwLock<HashMap<TenantId, Arc<Policy>>>,
     default_policy: Arc<Policy>,
@@ -557,8 +562,8 @@ impl EmbeddedStore {
         let path = dir.join(DB_FILE);
         let conn = open_connection(&path)?;
         let shared = Arc::new(Shared {
-            by_token: DashMap::new(),
-            by_handle: DashMap::new(),
+            by_token: DashMap::with_hasher(FastHash::default()),
+            by_handle: DashMap::with_hasher(FastHash::default()),
             by_user: DashMap::new(),
             policies: RwLock::new(HashMap::new()),
             default_policy: Arc::new(opts.default_policy),
@@ -1485,6 +1490,18 @@ impl SessionStore for EmbeddedStore {
     ) -> Result<Option<StoredSession>, StoreError> {
         self.shared.check()?;
         Ok(self.shared.by_handle.get(handle).map(|e| e.snapshot()))
+    }
+
+    async fn find_by_token_with_policy(
+        &self,
+        hash: &TokenHash,
+    ) -> Result<Option<(StoredSession, Arc<Policy>)>, StoreError> {
+        self.shared.check()?;
+        let Some(found) = self.shared.by_token.get(hash).map(|e| e.snapshot()) else {
+            return Ok(None);
+        };
+        let policy = self.shared.policy_for(&found.record.tenant);
+        Ok(Some((found, policy)))
     }
 
     async fn touch(

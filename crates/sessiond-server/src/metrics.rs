@@ -36,14 +36,14 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
-    method: String,
+    route: Arc<String>,
+    method: &'static str,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
+    route: Arc<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +96,8 @@ pub struct Metrics {
     active: Family<TenantLabels, Gauge>,
     known_tenants: parking_lot::Mutex<std::collections::HashSet<String>>,
     counted_at: std::sync::atomic::AtomicI64,
+    /// Route templates and their labels, made once per route rather than once per request.
+    route_labels: parking_lot::RwLock<std::collections::HashMap<String, Arc<String>>>,
 }
 
 /// Shortest time between two counts of the active sessions, in milliseconds.
@@ -195,6 +197,7 @@ impl Metrics {
             active,
             known_tenants: parking_lot::Mutex::default(),
             counted_at: std::sync::atomic::AtomicI64::new(i64::MIN / 2),
+            route_labels: parking_lot::RwLock::default(),
         }
     }
 
@@ -298,13 +301,49 @@ fn route_label(template: &str) -> String {
     template.replace('{', ":").replace('}', "")
 }
 
+/// The method as a label: the standard ones, else `other` (the set stays bounded).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method as M;
+    match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::PATCH => "PATCH",
+        M::DELETE => "DELETE",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+impl Metrics {
+    /// The label of a route template (bounded: templates come from the router).
+    fn route_of(&self, template: Option<&str>) -> Arc<String> {
+        let template = template.unwrap_or("unmatched");
+        if let Some(l) = self.route_labels.read().get(template) {
+            return l.clone();
+        }
+        let label = Arc::new(if template == "unmatched" {
+            template.to_owned()
+        } else {
+            route_label(template)
+        });
+        self.route_labels
+            .write()
+            .entry(template.to_owned())
+            .or_insert(label)
+            .clone()
+    }
+}
+
 /// Middleware: counts and times every routed request by its route template.
 pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| route_label(p.as_str()));
-    let method = req.method().as_str().to_owned();
+    let route = m.route_of(
+        req.extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str),
+    );
+    let method = method_label(req.method());
     let started = Instant::now();
     let res = next.run(req).await;
     m.request_seconds

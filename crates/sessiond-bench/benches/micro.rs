@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Criterion micro-benchmarks of the pure steps of a verify: token generation (create and
-//! rotate), hashing a presented token, the liveness decision, rendering the wire session, and
-//! token mode's access-token signing and verification (EdDSA and ES256).
+//! rotate), hashing a presented token, the liveness decision, rendering the wire session,
+//! the stored row of a session (encode, decode, JSON), and token mode's access-token signing and
+//! verification (EdDSA and ES256).
 //!
 //! `cargo bench -p sessiond-bench --bench micro` measures; `-- --test` runs each once.
 
@@ -16,6 +17,7 @@ use sessiond_core::session::{
 };
 use sessiond_core::time::Timestamp;
 use sessiond_core::token::{SessionHandle, TenantId, TokenFormat, UserId};
+use sessiond_store::row::{Row, no_intern};
 
 /// A fixed "now": 2026-01-01T00:00:00Z.
 const NOW_MS: i64 = 1_767_225_600_000;
@@ -117,6 +119,36 @@ fn decision(c: &mut Criterion) {
     });
 }
 
+/// The stored form of a session: the row every backend writes (SQL columns, Redis JSON), and
+/// reading it back with validation; Redis also (de)serializes it as JSON.
+fn storage(c: &mut Criterion) {
+    let big_data = kib_of_data();
+    let big = session(&big_data);
+    let empty = session("{}");
+    let row = Row::from_record(&empty.record);
+    let json = serde_json::to_vec(&row).unwrap();
+    c.bench_function("row/encode (empty data)", |b| {
+        b.iter(|| Row::from_record(black_box(&empty.record)))
+    });
+    c.bench_function("row/encode (1 KiB data)", |b| {
+        b.iter(|| Row::from_record(black_box(&big.record)))
+    });
+    c.bench_function("row/decode (empty data)", |b| {
+        b.iter(|| black_box(row.clone()).into_record(no_intern).unwrap())
+    });
+    c.bench_function("row/JSON serialize (empty data)", |b| {
+        b.iter(|| serde_json::to_vec(black_box(&row)).unwrap())
+    });
+    c.bench_function("row/JSON deserialize + decode (empty data)", |b| {
+        b.iter(|| {
+            serde_json::from_slice::<Row>(black_box(&json))
+                .unwrap()
+                .into_record(no_intern)
+                .unwrap()
+        })
+    });
+}
+
 /// Token mode: signing an access token, and verifying one (header, key, signature, claims).
 fn access_tokens(c: &mut Criterion) {
     use sessiond_core::jwt::{Keyring, SigningAlg};
@@ -166,5 +198,12 @@ fn raw_signatures(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, tokens, decision, access_tokens, raw_signatures);
+criterion_group!(
+    benches,
+    tokens,
+    decision,
+    storage,
+    access_tokens,
+    raw_signatures
+);
 criterion_main!(benches);

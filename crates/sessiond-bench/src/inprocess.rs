@@ -1,4 +1,4 @@
-//! The in-process scenario: `SessionService::verify` on the embedded store, no HTTP.
+//! The in-process scenario: `SessionService::verify_session` on the embedded store, no HTTP.
 //!
 //! N sessions are created through the service, then T OS threads, each driving its own
 //! current-thread tokio runtime, verify random tokens in a closed loop for S seconds. The
@@ -45,9 +45,9 @@ pub struct Settings {
 /// Which token the scenario verifies, and by whom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// The opaque session token, by `SessionService::verify`.
+    /// The opaque session token, by `SessionService::verify_session`.
     Opaque,
-    /// An access token (EdDSA JWT), by `SessionService::verify`: signature, claims and the
+    /// An access token (EdDSA JWT), by `SessionService::verify_session`: signature, claims and the
     /// session's state in the store.
     AccessToken,
     /// An access token, by the SDK's `AccessTokenVerifier` from its JWKS cache: signature and
@@ -198,11 +198,11 @@ impl Report {
         Row {
             scenario: match self.settings.mode {
                 Mode::Opaque => format!(
-                    "in-process `SessionService::verify`, {} threads",
+                    "in-process `SessionService::verify_session`, {} threads",
                     self.settings.threads
                 ),
                 Mode::AccessToken => format!(
-                    "in-process `SessionService::verify` of an access token (EdDSA), {} threads",
+                    "in-process `SessionService::verify_session` of an access token (EdDSA), {} threads",
                     self.settings.threads
                 ),
                 Mode::Sdk => format!(
@@ -392,7 +392,7 @@ impl Target<'_> {
     /// refused).
     async fn verify(&self, i: usize) -> bool {
         match self {
-            Self::Service(s, r, valid) => s.verify(&r[i]).await.is_ok() == *valid,
+            Self::Service(s, r, valid) => s.verify_session(&r[i]).await.is_ok() == *valid,
             Self::Sdk(v, t) => v.verify_cached(&t[i]).is_ok(),
         }
     }

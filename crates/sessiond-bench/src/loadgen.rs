@@ -84,7 +84,7 @@ impl Target {
 }
 
 /// Sends one request and reads the whole response.
-async fn exchange(
+pub(crate) async fn exchange(
     sender: &mut Sender,
     req: Request<Full<Bytes>>,
 ) -> Result<(StatusCode, Bytes), hyper::Error> {

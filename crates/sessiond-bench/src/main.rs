@@ -1,7 +1,7 @@
 #![allow(clippy::print_stdout)]
 //! `sessiond-bench`: benchmarks of sessiond's verify path.
 //!
-//! - `inprocess`: `SessionService::verify` on the embedded store, on T OS threads, no HTTP;
+//! - `inprocess`: `SessionService::verify_session` on the embedded store, on T OS threads, no HTTP;
 //! - `http`: the real server in-process, loaded over HTTP/1.1 keep-alive by a closed-loop
 //!   generator, next to a bare axum handler as the ceiling of the HTTP stack;
 //! - `stores`: HTTP create and verify on the embedded store and on PostgreSQL, Redis and Redis
@@ -10,14 +10,15 @@
 //!   again; every acknowledged operation is checked after each restart;
 //! - `soak`: mixed traffic against a real `sessiond` process for a bounded time, sampling its
 //!   memory, open descriptors and latency, then an overload burst past its concurrency cap;
-//! - `all`: in-process, HTTP, and the stores given, then one markdown table (`--quick` for a
-//!   few-second smoke run in CI).
+//! - `all`: in-process, HTTP (verify, durable create, and refresh in token mode), and the
+//!   stores given, then one markdown table (`--quick` for a few-second smoke run in CI).
 
 mod cleanup;
 mod crash;
 mod http;
 mod inprocess;
 mod loadgen;
+mod refresh;
 mod soak;
 mod stats;
 mod stores;
@@ -483,6 +484,8 @@ fn main() -> anyhow::Result<()> {
             };
             let over_http = http::run(&settings)?;
             over_http.print();
+            let refreshed = refresh::run(&settings, &http::Store::Embedded)?;
+            println!("refresh over HTTP (token mode): {}", refreshed.line());
             let shared = a.stores.stores();
             let on_stores = if shared.is_empty() {
                 None
@@ -494,6 +497,7 @@ fn main() -> anyhow::Result<()> {
             };
             let mut rows: Vec<stats::Row> = in_process.iter().map(inprocess::Report::row).collect();
             rows.extend(over_http.rows());
+            rows.push(refresh::row(&settings, &refreshed));
             if let Some(r) = &on_stores {
                 // The embedded store's rows are already there, from the HTTP scenario.
                 rows.extend(r.rows().into_iter().skip(2));
@@ -501,6 +505,12 @@ fn main() -> anyhow::Result<()> {
             print_table(&rows);
             in_process.iter().try_for_each(check_in_process)?;
             check_http(&over_http)?;
+            anyhow::ensure!(
+                refreshed.non_200 == 0 && refreshed.errors == 0,
+                "refresh over HTTP: {} answers other than 200, {} failed requests",
+                refreshed.non_200,
+                refreshed.errors
+            );
             on_stores.as_ref().map_or(Ok(()), check_stores)
         }
     }

@@ -115,6 +115,8 @@ pub struct CacheStats {
     pub bypasses: AtomicU64,
     /// Invalidations applied.
     pub invalidations: AtomicU64,
+    /// Times a trusted feed was lost.
+    pub feed_losses: AtomicU64,
 }
 
 /// Number of stripes (handle → token maps, each with its last invalidation) and of token shards.
@@ -368,6 +370,7 @@ impl Cache {
         let was = self.trusted.swap(false, Ordering::AcqRel);
         self.flush();
         if was {
+            self.stats.feed_losses.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("session cache: change feed lost; verifying against the store");
         }
         if let Some(o) = &self.observer {

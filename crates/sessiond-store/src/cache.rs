@@ -67,7 +67,7 @@ impl Default for CacheOptions {
         Self {
             capacity: 1_000_000,
             max_age: Duration::from_secs(60),
-            heartbeat: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(1),
         }
     }
 }

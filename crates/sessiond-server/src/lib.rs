@@ -384,7 +384,10 @@ impl Server {
                 tracing::info!("session cache: off (cache.enabled = false)");
                 store
             }
-            None => store,
+            None => {
+                tracing::info!("session cache: not used (the embedded store is in memory)");
+                store
+            }
         };
         let events: Arc<dyn EventSink> = Arc::new(metrics::CountingSink::new(
             metrics.clone(),

@@ -581,10 +581,15 @@ impl SessionStore for CachedStore {
         audit: &Audit,
     ) -> Result<InsertOutcome, StoreError> {
         let r = self.inner.insert(record, now, audit).await;
-        if let Ok(InsertOutcome::Inserted { evicted }) = &r {
-            for h in evicted {
-                self.cache.invalidate(h);
+        match &r {
+            Ok(InsertOutcome::Inserted { evicted }) => {
+                for h in evicted {
+                    self.cache.invalidate(h);
+                }
             }
+            Ok(InsertOutcome::LimitReached) => {}
+            // Whether sessions were evicted is unknown: drop everything.
+            Err(_) => self.cache.flush(),
         }
         r
     }

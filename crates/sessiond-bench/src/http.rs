@@ -40,6 +40,8 @@ pub struct Settings {
     pub server_threads: usize,
     /// Worker threads of the load generator's runtime.
     pub client_threads: usize,
+    /// Whether sessiond on PostgreSQL and Redis answers verifies from its session cache.
+    pub session_cache: bool,
 }
 
 /// Where the sessiond under test keeps its sessions.
@@ -180,13 +182,8 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 impl Servers {
-    /// Starts sessiond (on `store`, with a fresh API key) and the hello server, each on
-    /// `127.0.0.1:0`.
-    fn start(threads: usize, store: &Store) -> anyhow::Result<Self> {
-        Self::start_with(threads, store, |_| {})
-    }
-
-    /// As [`Servers::start`], with sessiond's configuration adjusted by `tweak`.
+    /// Starts sessiond (on `store`, with a fresh API key, its configuration adjusted by
+    /// `tweak`) and the hello server, each on `127.0.0.1:0`.
     pub fn start_with(
         threads: usize,
         store: &Store,
@@ -289,7 +286,9 @@ pub fn run_on(
         settings.server_threads > 0 && settings.client_threads > 0,
         "runtimes need at least 1 worker thread"
     );
-    let servers = Servers::start(settings.server_threads, store)?;
+    let servers = Servers::start_with(settings.server_threads, store, |c| {
+        c.cache.enabled = settings.session_cache;
+    })?;
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.client_threads)
         .thread_name("bench-loadgen")

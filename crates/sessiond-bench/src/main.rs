@@ -225,6 +225,10 @@ struct HttpArgs {
     /// Worker threads of the load generator's tokio runtime.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     client_threads: u64,
+    /// Run sessiond on PostgreSQL and Redis without its session cache (every verify reads
+    /// the store).
+    #[arg(long)]
+    no_session_cache: bool,
 }
 
 /// Flags of `webhooks`.
@@ -320,6 +324,7 @@ fn http_settings(a: &HttpArgs) -> anyhow::Result<http::Settings> {
         connections: count(a.connections)?,
         server_threads: count(a.server_threads)?,
         client_threads: count(a.client_threads)?,
+        session_cache: !a.no_session_cache,
     })
 }
 
@@ -481,6 +486,7 @@ fn main() -> anyhow::Result<()> {
                 connections: count(a.connections)?,
                 server_threads: count(a.server_threads)?,
                 client_threads: count(a.client_threads)?,
+                session_cache: true,
             };
             let over_http = http::run(&settings)?;
             over_http.print();

@@ -84,6 +84,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// Brute-force and creation limits (`[protection]`).
     pub protection: ProtectionConfig,
+    /// The node-local session cache of the shared stores (`[cache]`).
+    pub cache: CacheConfig,
     /// A MaxMind-format city database (`.mmdb`, such as GeoLite2 City): sessions show their
     /// location, and policies may enable impossible-travel detection. Off without one.
     pub geoip_db: Option<PathBuf>,
@@ -137,6 +139,41 @@ impl ProtectionConfig {
             creates_per_user: self.creates_per_user,
             creates_per_ip: self.creates_per_ip,
         })
+    }
+}
+
+/// The node-local session cache in front of PostgreSQL and Redis (`[cache]`): verifies are
+/// answered from memory, kept coherent across nodes by the store's change feed. Not used with
+/// the embedded store, which is in memory already.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Whether the cache is used (with PostgreSQL or Redis).
+    pub enabled: bool,
+    /// Most sessions cached per node.
+    pub capacity: usize,
+    /// Seconds a cached session is served before it is read again from the store.
+    pub max_age_s: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            capacity: 1_000_000,
+            max_age_s: 60,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The cache's options.
+    pub fn options(&self) -> sessiond_store::cache::CacheOptions {
+        sessiond_store::cache::CacheOptions {
+            capacity: self.capacity,
+            max_age: std::time::Duration::from_secs(self.max_age_s),
+            ..sessiond_store::cache::CacheOptions::default()
+        }
     }
 }
 
@@ -360,6 +397,7 @@ impl std::fmt::Debug for Config {
             .field("events", &self.events)
             .field("webhooks", &self.webhooks)
             .field("protection", &self.protection)
+            .field("cache", &self.cache)
             .field("geoip_db", &self.geoip_db)
             .finish()
     }
@@ -393,6 +431,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             webhooks: WebhooksConfig::default(),
             protection: ProtectionConfig::default(),
+            cache: CacheConfig::default(),
             geoip_db: None,
         }
     }
@@ -537,6 +576,12 @@ impl Config {
             return bad(
                 "protection.block_s and block_max_s: 1 <= block_s <= block_max_s <= 86400".into(),
             );
+        }
+        if !(1..=100_000_000).contains(&self.cache.capacity) {
+            return bad("cache.capacity: between 1 and 100000000 sessions".into());
+        }
+        if !(1..=3600).contains(&self.cache.max_age_s) {
+            return bad("cache.max_age_s: between 1 and 3600".into());
         }
         Ok(())
     }
@@ -696,12 +741,25 @@ mod tests {
             ("[jwt]\nalgorithm = \"HS256\"", "jwt.algorithm"),
             ("[jwt]\nreload_interval_s = 0", "jwt.reload_interval_s"),
             ("[jwt]\nkeyring = \"x\"", "keyring"),
+            ("[cache]\ncapacity = 0", "cache.capacity"),
+            ("[cache]\nmax_age_s = 0", "cache.max_age_s"),
+            ("[cache]\nmax_age_s = 3601", "cache.max_age_s"),
+            ("[cache]\nsize = 5", "size"),
         ] {
             let e = load(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
         }
         assert!(load("max_concurrent_requests = 64\nrequest_timeout_ms = 2000").is_ok());
         assert!(load("[jwt]\nalgorithm = \"ES256\"\nreload_interval_s = 5").is_ok());
+        let c = load("[cache]\nenabled = false\ncapacity = 5000\nmax_age_s = 10").unwrap();
+        assert_eq!(
+            c.cache,
+            CacheConfig {
+                enabled: false,
+                capacity: 5000,
+                max_age_s: 10
+            }
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ use sessiond_core::service::{ServiceConfig, SessionService};
 use sessiond_core::store::SessionStore;
 use sessiond_core::time::{Clock, SystemClock};
 use sessiond_core::token::TokenFormat;
+use sessiond_store::cache::{CachedStore, Subscriber};
 use sessiond_store::postgres::{PostgresOptions, PostgresStore};
 use sessiond_store::redis::{RedisOptions, RedisStore};
 use sessiond_store::{EmbeddedOptions, EmbeddedStore};
@@ -216,6 +217,17 @@ pub async fn open_store(
     default_policy: Policy,
     migrate: bool,
 ) -> Result<Arc<dyn SessionStore>, ServerError> {
+    Ok(open_store_with_feed(config, default_policy, migrate)
+        .await?
+        .0)
+}
+
+/// As [`open_store`], with the store's change feed (PostgreSQL and Redis), for a session cache.
+pub async fn open_store_with_feed(
+    config: &Config,
+    default_policy: Policy,
+    migrate: bool,
+) -> Result<(Arc<dyn SessionStore>, Option<Arc<dyn Subscriber>>), ServerError> {
     let flush_interval = Duration::from_millis(config.flush_interval_ms);
     match StoreUrl::parse(config.store.as_deref())? {
         StoreUrl::Embedded => {
@@ -227,7 +239,7 @@ pub async fn open_store(
                 },
             )?;
             tracing::info!(dir = %config.data_dir.display(), "store: embedded");
-            Ok(Arc::new(store))
+            Ok((Arc::new(store), None))
         }
         StoreUrl::Postgres(url) => {
             let store = PostgresStore::connect(PostgresOptions {
@@ -241,7 +253,8 @@ pub async fn open_store(
                 store.migrate(config.store_schema.as_deref()).await?;
             }
             tracing::info!(url = %redact_url(url), "store: postgres");
-            Ok(Arc::new(store))
+            let feed = store.change_feed();
+            Ok((Arc::new(store), Some(feed)))
         }
         StoreUrl::Redis(url) => {
             let store = RedisStore::connect(RedisOptions {
@@ -253,7 +266,8 @@ pub async fn open_store(
                 ..RedisOptions::new(url)
             })?;
             tracing::info!(url = %redact_url(url), prefix = %config.store_prefix, "store: redis");
-            Ok(Arc::new(store))
+            let feed = store.change_feed();
+            Ok((Arc::new(store), Some(feed)))
         }
     }
 }
@@ -341,13 +355,39 @@ impl Server {
         }
         let default_policy = Policy::new(config.default_policy.clone())
             .map_err(|e| ConfigError(format!("default_policy: {e}")))?;
-        let store = open_store(&config, default_policy, config.migrate_on_start).await?;
+        let (store, feed) =
+            open_store_with_feed(&config, default_policy, config.migrate_on_start).await?;
         let metrics = Arc::new(metrics::Metrics::new());
         // The shared stores' operations are network round trips: time them. The embedded
         // store answers from memory, where timing would cost more than it tells.
         let store: Arc<dyn SessionStore> = match StoreUrl::parse(config.store.as_deref())? {
             StoreUrl::Embedded => store,
             _ => Arc::new(metrics::TimedStore::new(store, metrics.clone())),
+        };
+        // In front of the timing: only the store's own round trips are timed.
+        let store: Arc<dyn SessionStore> = match feed {
+            Some(feed) if config.cache.enabled => {
+                tracing::info!(
+                    capacity = config.cache.capacity,
+                    max_age_s = config.cache.max_age_s,
+                    "session cache: on (serving once the change feed is subscribed)"
+                );
+                Arc::new(CachedStore::with_feed(
+                    store,
+                    feed,
+                    &config.cache.options(),
+                    clock.clone(),
+                    Some(metrics.clone()),
+                ))
+            }
+            Some(_) => {
+                tracing::info!("session cache: off (cache.enabled = false)");
+                store
+            }
+            None => {
+                tracing::info!("session cache: not used (the embedded store is in memory)");
+                store
+            }
         };
         let events: Arc<dyn EventSink> = Arc::new(metrics::CountingSink::new(
             metrics.clone(),

@@ -70,6 +70,11 @@ struct DeliveryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     operation: &'static str,
 }
@@ -94,6 +99,9 @@ pub struct Metrics {
     outbox: Gauge,
     due: Gauge,
     active: Family<TenantLabels, Gauge>,
+    cache_lookups: Family<CacheLabels, Counter>,
+    cache_invalidations: Counter,
+    cache_trusted: Gauge,
     known_tenants: parking_lot::Mutex<std::collections::HashSet<String>>,
     counted_at: std::sync::atomic::AtomicI64,
     /// Route templates and their labels, made once per route rather than once per request.
@@ -183,8 +191,32 @@ impl Metrics {
             "Deliveries due for an attempt at the dispatcher's last poll (capped at its batch size)",
             due.clone(),
         );
+        let cache_lookups = Family::<CacheLabels, Counter>::default();
+        let cache_invalidations = Counter::default();
+        let cache_trusted = Gauge::default();
+        registry.register(
+            "cache_lookups",
+            "Verify lookups on PostgreSQL or Redis by how the session cache answered: hit (from \
+             memory), miss (from the store), bypass (from the store: the cache's change feed is \
+             not subscribed)",
+            cache_lookups.clone(),
+        );
+        registry.register(
+            "cache_invalidations",
+            "Sessions dropped from the session cache on a change (one per change; a flush counts \
+             once)",
+            cache_invalidations.clone(),
+        );
+        registry.register(
+            "cache_trusted",
+            "1 while the session cache's change feed is subscribed and the cache may answer",
+            cache_trusted.clone(),
+        );
         Self {
             registry,
+            cache_lookups,
+            cache_invalidations,
+            cache_trusted,
             requests,
             request_seconds,
             verifies,
@@ -384,6 +416,24 @@ impl EventSink for CountingSink {
             })
             .inc();
         self.next.record(e);
+    }
+}
+
+impl sessiond_store::cache::CacheObserver for Metrics {
+    fn lookup(&self, outcome: sessiond_store::cache::Lookup) {
+        self.cache_lookups
+            .get_or_create(&CacheLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    fn invalidated(&self) {
+        self.cache_invalidations.inc();
+    }
+
+    fn trusted(&self, trusted: bool) {
+        self.cache_trusted.set(i64::from(trusted));
     }
 }
 

@@ -1330,3 +1330,249 @@ macro_rules! conformance_suite {
         )*
     };
 }
+
+/// Cache coherence across nodes: `a` (a node with a session cache) warms its cache, `b` (another
+/// node on the same backend) changes things; `a` must stop answering the old state once the
+/// change feed delivers (each wait is bounded; nothing is asserted on timing).
+pub mod coherence {
+    use std::future::Future;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cache::CachedStore;
+    use sessiond_core::session::StoredSession;
+
+    /// How long a change may take to reach the other node.
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    /// Polls `check` until it holds (or panics with `what` after [`PATIENCE`]).
+    pub async fn eventually<F, Fut>(what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let until = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if check().await {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < until, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the node's cache is trusted.
+    pub async fn trusted(a: &CachedStore) {
+        eventually("the cache's feed is subscribed", || async {
+            a.cache().is_trusted()
+        })
+        .await;
+    }
+
+    async fn lookup(a: &CachedStore, hash: &TokenHash) -> Option<(StoredSession, Arc<Policy>)> {
+        a.find_by_token_with_policy(hash).await.unwrap()
+    }
+
+    /// Looks the token up until the answer comes from the cache.
+    pub async fn warm(a: &CachedStore, hash: &TokenHash) {
+        eventually("the session is served from the cache", || async {
+            let hits = a.cache().stats().hits.load(Ordering::Relaxed);
+            assert!(lookup(a, hash).await.is_some());
+            a.cache().stats().hits.load(Ordering::Relaxed) > hits
+        })
+        .await;
+    }
+
+    fn revoked(s: &Option<(StoredSession, Arc<Policy>)>) -> bool {
+        s.as_ref()
+            .is_some_and(|(s, _)| matches!(s.record.state, StoredState::Revoked { .. }))
+    }
+
+    pub async fn changes_through_another_node_reach_the_cache(
+        a: &CachedStore,
+        b: &dyn SessionStore,
+    ) {
+        trusted(a).await;
+        // Revocation.
+        let (r1, h1) = record("coh-ann", "coh", t(0));
+        insert(b, &r1, t(0)).await;
+        warm(a, &h1).await;
+        b.revoke(&r1.handle, "logout", t(1), &audit())
+            .await
+            .unwrap();
+        eventually("a revocation through B reaches A", || async {
+            revoked(&lookup(a, &h1).await)
+        })
+        .await;
+
+        // Rotation: the old token stops working.
+        let (r2, h2) = record("coh-ann", "coh", t(0));
+        insert(b, &r2, t(0)).await;
+        warm(a, &h2).await;
+        let (_, new) = TokenFormat::default().generate().unwrap();
+        let change = rekey(h2, new, None);
+        assert!(matches!(
+            b.rotate(&r2.handle, &change, t(2), &audit()).await.unwrap(),
+            RotateOutcome::Rotated(_)
+        ));
+        eventually("a rotation through B reaches A", || async {
+            lookup(a, &h2).await.is_none()
+        })
+        .await;
+        warm(a, &new).await;
+
+        // A flag (a detector's finding) and a fresh authentication.
+        let mut flagged = rekey(
+            new,
+            new,
+            Some(AuthRecord {
+                method: "webauthn".into(),
+                aal: 2,
+                authenticated_at: t(3),
+            }),
+        );
+        flagged.flag = Some("suspicious".into());
+        assert!(matches!(
+            b.rotate(&r2.handle, &flagged, t(3), &audit())
+                .await
+                .unwrap(),
+            RotateOutcome::Rotated(_)
+        ));
+        eventually(
+            "a flag and a reauthentication through B reach A",
+            || async {
+                lookup(a, &new).await.is_some_and(|(s, _)| {
+                    s.record.auth.aal == 2 && s.record.flags.iter().any(|f| &**f == "suspicious")
+                })
+            },
+        )
+        .await;
+
+        // Data.
+        warm(a, &new).await;
+        let mut patch = Map::new();
+        patch.insert("cart".into(), json!(2));
+        assert!(matches!(
+            b.update_data(&r2.handle, &patch, 4096, t(4)).await.unwrap(),
+            DataUpdate::Updated(_)
+        ));
+        eventually("a data update through B reaches A", || async {
+            lookup(a, &new)
+                .await
+                .is_some_and(|(s, _)| s.record.data.contains("\"cart\":2"))
+        })
+        .await;
+
+        // Policy.
+        warm(a, &new).await;
+        let stored = policy(|d| {
+            d.idle_timeout_s = 3600;
+            d.absolute_timeout_s = 7200;
+        });
+        b.put_policy(&tenant("coh"), stored.clone(), t(5), &audit())
+            .await
+            .unwrap();
+        eventually("a policy change through B reaches A", || async {
+            lookup(a, &new).await.is_some_and(|(_, p)| *p == stored)
+        })
+        .await;
+
+        // Every session of a user.
+        let (r3, h3) = record("coh-bob", "coh", t(6));
+        let (r4, h4) = record("coh-bob", "coh", t(6));
+        insert(b, &r3, t(6)).await;
+        insert(b, &r4, t(6)).await;
+        warm(a, &h3).await;
+        warm(a, &h4).await;
+        let gone = b
+            .revoke_user(&r3.user_id, None, None, "password_changed", t(7), &audit())
+            .await
+            .unwrap();
+        assert_eq!(gone.len(), 2);
+        eventually("a force logout through B reaches A", || async {
+            revoked(&lookup(a, &h3).await) && revoked(&lookup(a, &h4).await)
+        })
+        .await;
+
+        // Eviction at the limit.
+        let limited = policy(|d| {
+            d.max_sessions_per_user = Some(1);
+            d.on_limit = OnLimit::EvictOldest;
+        });
+        b.put_policy(&tenant("coh-limit"), limited, t(8), &audit())
+            .await
+            .unwrap();
+        let (r5, h5) = record("coh-cy", "coh-limit", t(8));
+        insert(b, &r5, t(8)).await;
+        warm(a, &h5).await;
+        let (r6, _) = record("coh-cy", "coh-limit", t(9));
+        insert(b, &r6, t(9)).await;
+        eventually("an eviction through B reaches A", || async {
+            revoked(&lookup(a, &h5).await)
+        })
+        .await;
+
+        // Expiry by the sweeper, then the purge.
+        let short = policy(|d| {
+            d.idle_timeout_s = 60;
+            d.absolute_timeout_s = 120;
+        });
+        b.put_policy(&tenant("coh-short"), short, t(10), &audit())
+            .await
+            .unwrap();
+        let (r7, h7) = record("coh-dee", "coh-short", t(10));
+        insert(b, &r7, t(10)).await;
+        warm(a, &h7).await;
+        let report = b.sweep(t(200), 3600, &audit()).await.unwrap();
+        assert!(report.expired.iter().any(|e| e.handle == r7.handle));
+        eventually("an expiry through B reaches A", || async {
+            lookup(a, &h7)
+                .await
+                .is_some_and(|(s, _)| matches!(s.record.state, StoredState::Expired { .. }))
+        })
+        .await;
+    }
+
+    /// `kill` cuts A's feed connection on the server side; A must stop serving from its cache
+    /// at once, answer a change made meanwhile (whose announcement it cannot have heard)
+    /// correctly, and serve from its cache again once it has subscribed anew.
+    pub async fn a_lost_feed_is_distrusted_at_once<K, Fut>(
+        a: &CachedStore,
+        b: &dyn SessionStore,
+        kill: K,
+    ) where
+        K: Fn() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        trusted(a).await;
+        let (r1, h1) = record("loss-ann", "loss", t(0));
+        insert(b, &r1, t(0)).await;
+        warm(a, &h1).await;
+        let losses = a.cache().stats().feed_losses.load(Ordering::Relaxed);
+        kill().await;
+        eventually("A notices that its feed is gone", || async {
+            a.cache().stats().feed_losses.load(Ordering::Relaxed) > losses
+        })
+        .await;
+        b.revoke(&r1.handle, "logout", t(1), &audit())
+            .await
+            .unwrap();
+        assert!(
+            revoked(&lookup(a, &h1).await),
+            "no cached session is served once the feed was lost"
+        );
+        trusted(a).await;
+        assert!(revoked(&lookup(a, &h1).await));
+        let (r2, h2) = record("loss-ann", "loss", t(2));
+        insert(b, &r2, t(2)).await;
+        warm(a, &h2).await;
+        b.revoke(&r2.handle, "logout", t(3), &audit())
+            .await
+            .unwrap();
+        eventually("the new subscription delivers", || async {
+            revoked(&lookup(a, &h2).await)
+        })
+        .await;
+    }
+}

@@ -1,7 +1,9 @@
 //! The PostgreSQL store, for several stateless sessiond nodes on one database.
 //!
-//! - Verify is one indexed lookup (`token_hash` is unique). Nodes keep no session cache, so a
-//!   revocation through any node is seen by every node at its next verify.
+//! - Verify is one indexed lookup (`token_hash` is unique). Nodes may keep a session cache
+//!   ([`crate::cache`]) in front of it, kept coherent by the change feed: triggers `NOTIFY` every
+//!   change of a session (other than a use) and of a policy in the transaction of the change
+//!   ([`PostgresStore::change_feed`]).
 //! - Every change runs in a transaction that locks what it decides on: the session row
 //!   (`FOR UPDATE`) for rotate/revoke/patch, and a per-user advisory lock for create (limits)
 //!   and force logout, so two nodes racing cannot leave a user over the limit.
@@ -35,9 +37,10 @@ use sessiond_core::store::{
 use sessiond_core::time::Timestamp;
 use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row as _, Transaction};
 
+use crate::cache::Subscriber;
 use crate::row::{Row, no_intern};
 
 /// Options of the PostgreSQL store.
@@ -125,6 +128,15 @@ fn migrator() -> Migrator {
                 )),
                 false,
             ),
+            Migration::new(
+                5,
+                "change feed".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(include_str!(
+                    "../migrations/postgres/0005_change_feed.sql"
+                )),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }
@@ -132,6 +144,8 @@ fn migrator() -> Migrator {
 
 struct Inner {
     pool: PgPool,
+    /// How to connect (for the change feed's own connection).
+    connect: PgConnectOptions,
     default_policy: Arc<Policy>,
     /// Uses not yet written: handle → last seen (ms).
     pending: Mutex<HashMap<SessionHandle, i64>>,
@@ -219,9 +233,10 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(opts.acquire_timeout)
-            .connect_lazy_with(connect);
+            .connect_lazy_with(connect.clone());
         let inner = Arc::new(Inner {
             pool,
+            connect,
             default_policy: Arc::new(opts.default_policy),
             pending: Mutex::new(HashMap::new()),
             parsed: Mutex::new(HashMap::new()),
@@ -403,6 +418,81 @@ impl PostgresStore {
     /// Writes the batched uses.
     async fn flush_pending(&self) -> Result<(), StoreError> {
         flush(&self.inner).await
+    }
+
+    /// The change feed of this store's schema (see [`crate::cache`]): a `LISTEN` on the channel
+    /// that the schema's triggers (migration 5) notify, on a connection of its own named
+    /// [`FEED_APPLICATION_NAME`].
+    pub fn change_feed(&self) -> Arc<dyn Subscriber> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(
+                self.inner
+                    .connect
+                    .clone()
+                    .application_name(FEED_APPLICATION_NAME),
+            );
+        Arc::new(PgFeed {
+            pool,
+            store: self.inner.pool.clone(),
+            channel: Mutex::new(None),
+        })
+    }
+}
+
+/// The `application_name` of the change feed's connection.
+pub const FEED_APPLICATION_NAME: &str = "sessiond-cache-feed";
+
+/// The change feed: a listener on the schema's channel.
+struct PgFeed {
+    /// The listener's own pool (one connection).
+    pool: PgPool,
+    /// The store's pool, for heartbeats.
+    store: PgPool,
+    /// The channel, once known.
+    channel: Mutex<Option<String>>,
+}
+
+#[async_trait]
+impl Subscriber for PgFeed {
+    async fn subscribe(
+        &self,
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await.map_err(err)?;
+        // A lost connection is reported (Ok(None)), not silently remade.
+        listener.eager_reconnect(false);
+        listener.ignore_pool_close_event(true);
+        // The channel the triggers notify: named after the schema the sessions table is in.
+        let channel: String = sqlx::query_scalar(
+            "SELECT left('sdc_' || n.nspname, 63) FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = 'sessions'::regclass",
+        )
+        .fetch_one(&mut listener)
+        .await
+        .map_err(err)?;
+        listener.listen(&channel).await.map_err(err)?;
+        *self.channel.lock() = Some(channel);
+        Ok(tokio::spawn(async move {
+            while let Ok(Some(n)) = listener.try_recv().await {
+                if tx.send(n.payload().to_owned()).is_err() {
+                    return;
+                }
+            }
+        }))
+    }
+
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        let Some(channel) = self.channel.lock().clone() else {
+            return Ok(());
+        };
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(channel)
+            .execute(&self.store)
+            .await
+            .map_err(err)?;
+        Ok(())
     }
 }
 

@@ -78,6 +78,7 @@ use sessiond_core::token::{SessionHandle, TenantId, TokenHash, UserId};
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
+use crate::cache::Subscriber;
 use crate::row::{Row, no_intern};
 
 /// Options of the Redis store.
@@ -130,8 +131,9 @@ const MAX_LIMIT: usize = 10_000;
 ///
 /// Ops: `row` sets a session's row; `sadd`, `srem` change a set; `del` deletes a key; `xadd`
 /// appends `ID DOC` (an event) to a stream capped at about 10 000 entries; `dev` records
-/// `MS MEMBER` (a device seen at MS) in a sorted set and drops members older than MS - TTL. The
-/// TTL of `sadd`, `xadd` and `dev` keys only grows.
+/// `MS MEMBER` (a device seen at MS) in a sorted set and drops members older than MS - TTL;
+/// `pub` publishes `CHANNEL MESSAGE` (no key: its index is 0), so the change feed announces the
+/// change atomically with it. The TTL of `sadd`, `xadd` and `dev` keys only grows.
 const CAS_LUA: &str = r"
 local n = tonumber(ARGV[1])
 local a = 2
@@ -168,6 +170,9 @@ for j = 1, w do
     redis.call('XADD', k, 'MAXLEN', '~', 10000, '*',
       'id', string.sub(x, 1, sp - 1), 'doc', string.sub(x, sp + 1))
     if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
+  elseif op == 'pub' then
+    local sp = string.find(x, ' ', 1, true)
+    redis.call('PUBLISH', string.sub(x, 1, sp - 1), string.sub(x, sp + 1))
   elseif op == 'dev' then
     local sp = string.find(x, ' ', 1, true)
     local at, m = string.sub(x, 1, sp - 1), string.sub(x, sp + 1)
@@ -177,6 +182,14 @@ for j = 1, w do
     if redis.call('PTTL', k) < ttl then redis.call('PEXPIRE', k, ttl) end
   end
 end
+return 1
+";
+
+/// Stores a tenant's policy and announces it on the change feed. KEYS: the policy. ARGV: the
+/// document, the channel.
+const POLICY_LUA: &str = r"
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], '*')
 return 1
 ";
 
@@ -322,6 +335,8 @@ enum Target {
 
 struct Inner {
     target: Target,
+    /// Where the change feed subscribes: the server, or each node of a cluster in turn.
+    feed_urls: Vec<String>,
     conn: OnceCell<Conn>,
     timeout: Duration,
     prefix: String,
@@ -334,6 +349,7 @@ struct Inner {
     touch: Script,
     doc: Script,
     publish: Script,
+    put_policy: Script,
     deliveries: Script,
     purge_deliveries: Script,
     purge_outbox: Script,
@@ -496,6 +512,12 @@ impl Cas {
         self.writes.push((op.to_owned(), i, value, ttl.max(1000)));
     }
 
+    /// Announces a change of a session on the change feed, atomically with the change.
+    fn announce(&mut self, channel: &str, handle: &str) {
+        self.writes
+            .push(("pub".to_owned(), 0, format!("{channel} {handle}"), 1000));
+    }
+
     /// Appends events to a user's stream, keeping it at least `ttl` ms.
     fn events(&mut self, k: &str, events: &[Event], ttl: i64) {
         for e in events {
@@ -514,7 +536,7 @@ impl RedisStore {
     /// node can start while Redis is down and report itself not ready.
     pub fn connect(opts: RedisOptions) -> Result<Self, StoreError> {
         let bad = |e: RedisError| StoreError::Backend(format!("invalid Redis URL: {e}"));
-        let target = if let Some(rest) = opts
+        let (target, feed_urls) = if let Some(rest) = opts
             .url
             .strip_prefix("redis+cluster://")
             .map(|r| ("redis", r))
@@ -541,17 +563,20 @@ impl RedisStore {
                     "redis+cluster:// needs at least one node".into(),
                 ));
             }
-            let client = redis::cluster::ClusterClient::builder(urls)
+            let client = redis::cluster::ClusterClient::builder(urls.clone())
                 .connection_timeout(opts.timeout)
                 .response_timeout(opts.timeout)
                 .retries(2)
                 .build()
                 .map_err(bad)?;
-            Target::Cluster(Box::new(client))
+            (Target::Cluster(Box::new(client)), urls)
         } else {
-            Target::Single(Box::new(
-                redis::Client::open(opts.url.as_str()).map_err(bad)?,
-            ))
+            (
+                Target::Single(Box::new(
+                    redis::Client::open(opts.url.as_str()).map_err(bad)?,
+                )),
+                vec![opts.url.clone()],
+            )
         };
         if opts.prefix.is_empty()
             || opts.prefix.len() > 64
@@ -566,6 +591,7 @@ impl RedisStore {
         }
         let inner = Arc::new(Inner {
             target,
+            feed_urls,
             conn: OnceCell::new(),
             timeout: opts.timeout,
             prefix: opts.prefix,
@@ -577,6 +603,7 @@ impl RedisStore {
             touch: Script::new(TOUCH_LUA),
             doc: Script::new(DOC_LUA),
             publish: Script::new(PUBLISH_LUA),
+            put_policy: Script::new(POLICY_LUA),
             deliveries: Script::new(DELIVERIES_LUA),
             purge_deliveries: Script::new(PURGE_DELIVERIES_LUA),
             purge_outbox: Script::new(PURGE_OUTBOX_LUA),
@@ -638,6 +665,22 @@ impl RedisStore {
 
     fn sweep_key(&self) -> String {
         sweep_key(&self.inner.prefix)
+    }
+
+    /// The change feed's channel (see [`crate::cache`]).
+    fn feed_channel(&self) -> String {
+        format!("{}:changes", self.inner.prefix)
+    }
+
+    /// The change feed of this store's prefix (see [`crate::cache`]): a subscription to the
+    /// channel that every change of a session and of a policy is published on, atomically with
+    /// it. On a cluster, a `PUBLISH` reaches every node, so one subscription (to the first node
+    /// of the URL that answers, the next one after a failure) hears every change.
+    pub fn change_feed(&self) -> Arc<dyn Subscriber> {
+        Arc::new(RedisFeed {
+            store: self.clone(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
     }
 
     fn ended_key(&self) -> String {
@@ -847,6 +890,7 @@ impl RedisStore {
                 Self::row_json(&rec)?,
                 ttl,
             );
+            cas.announce(&self.feed_channel(), rec.handle.as_str());
             ended.push((rec.handle.to_string(), now.as_millis()));
             events.push(audit.session_event(EventKind::SessionRevoked, now, &rec, Some(reason)));
         }
@@ -1442,6 +1486,7 @@ impl SessionStore for RedisStore {
             let key = self.rec_key(&l.tag, handle.as_str());
             cas.check_row(key.clone(), &l.row_text);
             cas.write("row", key, Self::row_json(&new)?, ttl);
+            cas.announce(&self.feed_channel(), handle.as_str());
             let event = change.event_for(audit, now, &new);
             cas.events(
                 &self.user_events_key(&l.tag),
@@ -1615,6 +1660,7 @@ impl SessionStore for RedisStore {
             let key = self.rec_key(&l.tag, handle.as_str());
             cas.check_row(key.clone(), &l.row_text);
             cas.write("row", key, Self::row_json(&new)?, ttl);
+            cas.announce(&self.feed_channel(), handle.as_str());
             if self.apply(&mut c, &cas).await? {
                 new.last_seen_at = l.session.last_seen_at;
                 return Ok(DataUpdate::Updated(StoredSession::new(Arc::new(new))));
@@ -1682,10 +1728,13 @@ impl SessionStore for RedisStore {
         let doc = serde_json::to_string(policy.document())
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let mut c = self.conn().await?;
-        let () = redis::cmd("SET")
-            .arg(self.policy_key(tenant.as_str()))
+        let _: i64 = self
+            .inner
+            .put_policy
+            .key(self.policy_key(tenant.as_str()))
             .arg(doc)
-            .query_async(&mut c)
+            .arg(self.feed_channel())
+            .invoke_async(&mut c)
             .await
             .map_err(err)?;
         // The policy key and the event keys are in different slots: written one after the other.
@@ -1757,6 +1806,7 @@ impl SessionStore for RedisStore {
                         Self::row_json(&new)?,
                         self.ttl(&new, &policy, now),
                     );
+                    cas.announce(&self.feed_channel(), &h);
                     let event = audit.session_event(EventKind::SessionExpired, at, &new, None);
                     cas.events(
                         &self.user_events_key(&l.tag),
@@ -1801,6 +1851,7 @@ impl SessionStore for RedisStore {
                 cas.check_row(key.clone(), &l.row_text);
                 cas.write("del", key, String::new(), 0);
                 cas.write("srem", self.idx_key(&l.tag), h.clone(), 0);
+                cas.announce(&self.feed_channel(), &h);
                 if !self.apply(&mut c, &cas).await? {
                     continue;
                 }
@@ -2024,5 +2075,62 @@ impl SessionStore for RedisStore {
         }
         out.truncate(want);
         Ok(out)
+    }
+}
+
+/// The change feed: a subscription to the prefix's channel.
+struct RedisFeed {
+    store: RedisStore,
+    /// Which of the feed URLs to try next.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Subscriber for RedisFeed {
+    async fn subscribe(
+        &self,
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        use futures_util::StreamExt as _;
+        let urls = &self.store.inner.feed_urls;
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % urls.len().max(1);
+        let url = urls
+            .get(i)
+            .ok_or_else(|| StoreError::Backend("no Redis URL".into()))?;
+        let client = redis::Client::open(url.as_str())
+            .map_err(|e| StoreError::Backend(format!("invalid Redis URL: {e}")))?;
+        let timeout = self.store.inner.timeout;
+        let mut pubsub = match tokio::time::timeout(timeout, client.get_async_pubsub()).await {
+            Ok(r) => r.map_err(err)?,
+            Err(_) => return Err(StoreError::Unavailable("Redis did not answer".into())),
+        };
+        match tokio::time::timeout(timeout, pubsub.subscribe(self.store.feed_channel())).await {
+            Ok(r) => r.map_err(err)?,
+            Err(_) => return Err(StoreError::Unavailable("Redis did not answer".into())),
+        }
+        // Subscribed: the next attempt (after a loss) starts from this node again.
+        self.next.store(i, std::sync::atomic::Ordering::Relaxed);
+        let mut messages = pubsub.into_on_message();
+        Ok(tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                let Ok(payload) = m.get_payload::<String>() else {
+                    continue;
+                };
+                if tx.send(payload).is_err() {
+                    return;
+                }
+            }
+        }))
+    }
+
+    async fn heartbeat(&self) -> Result<(), StoreError> {
+        let mut c = self.store.conn().await?;
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(self.store.feed_channel())
+            .arg("")
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(())
     }
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sessiond_core::store::SessionStore;
-use sessiond_store::conformance::StoreFactory;
-use sessiond_store::postgres::{PostgresOptions, PostgresStore};
+use sessiond_store::cache::{CacheOptions, CachedStore};
+use sessiond_store::conformance::{StoreFactory, coherence};
+use sessiond_store::postgres::{FEED_APPLICATION_NAME, PostgresOptions, PostgresStore};
 
 fn url() -> String {
     std::env::var("SESSIOND_TEST_POSTGRES")
@@ -75,6 +76,115 @@ impl Drop for Pg {
 }
 
 sessiond_store::conformance_suite!(Pg::new());
+
+/// The clock of the cached nodes: the suite's start of time.
+fn cache_clock() -> Arc<dyn sessiond_core::time::Clock> {
+    Arc::new(sessiond_core::time::ManualClock::new(
+        sessiond_store::conformance::t(0),
+    ))
+}
+
+/// A node with a session cache on the schema of `pg`.
+async fn cached_node(pg: &Pg) -> Arc<CachedStore> {
+    let store = PostgresStore::connect(pg.options()).unwrap();
+    store.migrate(Some(&pg.schema)).await.unwrap();
+    let feed = store.change_feed();
+    let node = Arc::new(CachedStore::with_feed(
+        Arc::new(store),
+        feed,
+        &CacheOptions {
+            heartbeat: Duration::from_millis(500),
+            ..CacheOptions::default()
+        },
+        cache_clock(),
+        None,
+    ));
+    // Serving from the cache as soon as it may (the suite also passes before).
+    for _ in 0..500 {
+        if node.cache().is_trusted() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    node
+}
+
+/// The conformance suite through the session cache.
+mod cached {
+    use super::*;
+
+    pub(super) struct CachedPg(pub(super) Pg);
+
+    #[async_trait]
+    impl StoreFactory for CachedPg {
+        async fn open(&self) -> Arc<dyn SessionStore> {
+            cached_node(&self.0).await
+        }
+    }
+
+    sessiond_store::conformance_suite!(CachedPg(Pg::new()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_nodes_see_each_others_changes() {
+    let pg = Pg::new();
+    let a = cached_node(&pg).await;
+    let b = cached_node(&pg).await;
+    coherence::changes_through_another_node_reach_the_cache(&a, &*b).await;
+    // And the other way round, with B's cache warm too.
+    let pg = Pg::new();
+    let a = cached_node(&pg).await;
+    let b = cached_node(&pg).await;
+    coherence::changes_through_another_node_reach_the_cache(&b, &*a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_node_whose_listener_is_killed_serves_nothing_stale() {
+    let pg = Pg::new();
+    let a = cached_node(&pg).await;
+    let b = PostgresStore::connect(pg.options()).unwrap();
+    let pool = sqlx::PgPool::connect(&url()).await.unwrap();
+    coherence::a_lost_feed_is_distrusted_at_once(&a, &b, || async {
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(FEED_APPLICATION_NAME)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(killed.iter().any(|k| *k), "a feed listener was found");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uses_are_not_announced_but_changes_are() {
+    use sessiond_store::conformance::{audit, record, t};
+    let pg = Pg::new();
+    let store = pg.open().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&url()).await.unwrap();
+    let channel = format!("sdc_{}", pg.schema);
+    listener.listen(&channel).await.unwrap();
+    let (rec, hash) = record("uma", "default", t(0));
+    store.insert(rec.clone(), t(0), &audit()).await.unwrap();
+    let found = store.find_by_token(&hash).await.unwrap().unwrap();
+    let policy = store.policy(&rec.tenant).await.unwrap();
+    store.touch(&found, &policy, t(5)).await.unwrap();
+    store.flush().await.unwrap();
+    store
+        .revoke(&rec.handle, "logout", t(6), &audit())
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        n.payload(),
+        rec.handle.as_str(),
+        "the creation and the use say nothing; the revocation does"
+    );
+}
 
 /// The change and its events commit together: when the event cannot be written, the change is
 /// undone too (and the other way round, nothing is recorded for a change that did not happen).

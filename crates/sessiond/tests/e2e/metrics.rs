@@ -131,6 +131,44 @@ async fn metrics_are_protected_parse_and_move_with_traffic() {
             .starts_with("sessiond_store_operation_duration_seconds")
     });
     assert_eq!(timed, shared);
+
+    // The session cache of the shared stores: trusted once its feed is subscribed, then a
+    // verify misses (and fills) and the next one hits.
+    let trusted = async || value(&scrape(&s).await, "sessiond_cache_trusted", &[]) == 1.0;
+    if shared {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !trusted().await {
+            assert!(std::time::Instant::now() < deadline, "the cache is trusted");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let lookups = |m: &[prometheus_parse::Sample], outcome: &str| {
+        value(m, "sessiond_cache_lookups_total", &[("outcome", outcome)])
+    };
+    let before = scrape(&s).await;
+    let (token, _, _) = s.login("metrics-cache").await;
+    for _ in 0..3 {
+        assert_eq!(s.verify(&token).await.status, StatusCode::OK);
+    }
+    s.post("/v1/sessions/logout", json!({"token": token})).await;
+    s.verify(&token).await.problem(401, "session_revoked");
+    let after = scrape(&s).await;
+    let moved = |outcome: &str| lookups(&after, outcome) - lookups(&before, outcome);
+    if shared {
+        assert_eq!(
+            moved("miss"),
+            2.0,
+            "the first verify, and the one after the logout"
+        );
+        assert_eq!(moved("hit"), 2.0);
+        assert_eq!(moved("bypass"), 0.0);
+        assert!(
+            value(&after, "sessiond_cache_invalidations_total", &[])
+                > value(&before, "sessiond_cache_invalidations_total", &[])
+        );
+    } else {
+        assert_eq!(moved("miss") + moved("hit") + moved("bypass"), 0.0);
+    }
 }
 
 async fn active_sessions_are_counted_per_tenant_where_the_store_can() {

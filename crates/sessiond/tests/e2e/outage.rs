@@ -211,7 +211,15 @@ async fn outage_fails_closed_and_recovers(backend: Backend) {
     assert_eq!(ready(&s).await, StatusCode::OK);
 
     store.proxy.cut();
-    // Never a 200 for a token that cannot be checked; a clear 503 instead, and quickly.
+    // The session cache stops answering as soon as its feed connection breaks (with the cut);
+    // from then on, never a 200 for a token that cannot be checked.
+    eventually(
+        "the cache notices the cut",
+        Duration::from_secs(5),
+        async || s.verify(&token).await.status == StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    // A clear 503, and quickly.
     let started = Instant::now();
     for _ in 0..5 {
         s.verify(&token).await.problem(503, "store_unavailable");
@@ -258,6 +266,17 @@ async fn stalled_store_fails_closed_and_recovers(backend: Backend) {
 
     // Packets vanish: no reset, no EOF; only the node's own timeouts can end a request.
     store.proxy.stall();
+    // The session cache stops answering once its feed misses three one-second heartbeats;
+    // from then on, never a 200 for a token that cannot be checked.
+    let silent = eventually(
+        "the cache notices the stall",
+        Duration::from_secs(10),
+        async || {
+            answers("verify", s.verify(&token)).await.status == StatusCode::SERVICE_UNAVAILABLE
+        },
+    )
+    .await;
+    eprintln!("{backend:?}: the cache stopped answering {silent:?} into the stall");
     let started = Instant::now();
     for _ in 0..3 {
         answers("verify", s.verify(&token))

@@ -29,7 +29,7 @@ pub enum Cleanup {
 }
 
 /// Twelve random lowercase alphanumerics, for namespaces.
-fn suffix() -> anyhow::Result<String> {
+pub fn suffix() -> anyhow::Result<String> {
     let (t, _) = TokenFormat::new("")?.generate()?;
     Ok(t.expose()
         .chars()

@@ -192,6 +192,7 @@ impl Servers {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("bench-server")
+            .on_thread_start(crate::pin::server_thread)
             .enable_all()
             .build()
             .context("cannot start the server runtime")?;
@@ -207,7 +208,9 @@ impl Servers {
         let cleanup = cleanup::Cleanup::configure(&mut config, store)?;
         tweak(&mut config);
         let (stop, stop_rx) = watch::channel(false);
-        let (sessiond, hello, tasks) = runtime.block_on(async {
+        // Started on a worker thread, so that threads the server starts (the embedded store's
+        // writer) inherit its core.
+        let start = runtime.spawn(async move {
             let server = Server::new(config).await.context("cannot start sessiond")?;
             let listener = TcpListener::bind("127.0.0.1:0").await?;
             let sessiond = listener.local_addr()?;
@@ -228,7 +231,10 @@ impl Servers {
                 Ok(())
             });
             anyhow::Ok((sessiond, hello_addr, vec![sessiond_task, hello_task]))
-        })?;
+        });
+        let (sessiond, hello, tasks) = runtime
+            .block_on(start)
+            .context("the server start task failed")??;
         Ok(Self {
             runtime,
             sessiond,
@@ -292,6 +298,7 @@ pub fn run_on(
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.client_threads)
         .thread_name("bench-loadgen")
+        .on_thread_start(crate::pin::client_thread)
         .enable_all()
         .build()
         .context("cannot start the load generator's runtime")?;

@@ -1,9 +1,10 @@
 //! A closed-loop HTTP/1.1 load generator on hyper's client connections.
 //!
 //! C keep-alive connections each send one request, wait for the whole response, record its
-//! latency, and send the next, until the deadline. Every request carries the same headers
-//! (`Authorization: Bearer`, `Content-Type: application/json`) and one of the pre-built bodies,
-//! chosen at random.
+//! latency, and send the next, until the deadline. Every request carries the same headers and
+//! one of the pre-built items, chosen at random: a JSON body `POST`ed with
+//! `Authorization: Bearer` (sessiond), or the value of the `Cookie` header of a `GET` (the
+//! cookie-session peers).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, HOST, HeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -52,34 +53,72 @@ pub struct Target {
     pub path: Uri,
     /// `Host`.
     pub host: HeaderValue,
-    /// `Authorization`.
-    pub authorization: HeaderValue,
+    /// `Authorization`, if any.
+    pub authorization: Option<HeaderValue>,
+    /// What each request's item is.
+    pub item: Item,
+}
+
+/// What the per-request item of a [`Target`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Item {
+    /// A JSON body, `POST`ed.
+    JsonBody,
+    /// The value of the `Cookie` header of a `GET` without a body.
+    Cookie,
 }
 
 impl Target {
-    /// A target at `addr`, with `path`, authorized by the API key `key`.
+    /// A target at `addr`, with `path`, authorized by the API key `key`, each request a `POST`
+    /// of a JSON body.
     pub fn new(addr: SocketAddr, path: &str, key: &str) -> anyhow::Result<Self> {
+        let mut t = Self::anonymous(addr, path, Item::JsonBody)?;
+        t.authorization = Some(
+            HeaderValue::from_str(&format!("Bearer {key}"))
+                .context("the API key is not a valid header value")?,
+        );
+        Ok(t)
+    }
+
+    /// A target at `addr`, with `path`, without `Authorization`.
+    pub fn anonymous(addr: SocketAddr, path: &str, item: Item) -> anyhow::Result<Self> {
         Ok(Self {
             addr,
             path: path
                 .parse()
                 .with_context(|| format!("bad request path {path}"))?,
             host: HeaderValue::from_str(&addr.to_string())?,
-            authorization: HeaderValue::from_str(&format!("Bearer {key}"))
-                .context("the API key is not a valid header value")?,
+            authorization: None,
+            item,
         })
     }
 
-    /// A `POST` of a JSON body to the target.
-    pub fn request(&self, body: Bytes) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(body));
-        *req.method_mut() = Method::POST;
+    /// The request carrying `item`: a `POST` of it as a JSON body, or a `GET` with it as the
+    /// `Cookie` header.
+    pub fn request(&self, item: Bytes) -> anyhow::Result<Request<Full<Bytes>>> {
+        let mut req = match self.item {
+            Item::JsonBody => {
+                let mut req = Request::new(Full::new(item));
+                *req.method_mut() = Method::POST;
+                req.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                req
+            }
+            Item::Cookie => {
+                let cookie = HeaderValue::from_maybe_shared(item)
+                    .context("a cookie is not a valid header value")?;
+                let mut req = Request::new(Full::new(Bytes::new()));
+                req.headers_mut().insert(COOKIE, cookie);
+                req
+            }
+        };
         *req.uri_mut() = self.path.clone();
         let h = req.headers_mut();
         h.insert(HOST, self.host.clone());
-        h.insert(AUTHORIZATION, self.authorization.clone());
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        req
+        if let Some(a) = &self.authorization {
+            h.insert(AUTHORIZATION, a.clone());
+        }
+        Ok(req)
     }
 }
 
@@ -138,7 +177,7 @@ struct ConnResult {
     histogram: Histogram<u64>,
 }
 
-/// Runs the closed loop: `connections` connections for `duration`, bodies picked at random.
+/// Runs the closed loop: `connections` connections for `duration`, items picked at random.
 pub async fn run(
     target: &Arc<Target>,
     bodies: &Arc<Vec<Bytes>>,
@@ -146,7 +185,7 @@ pub async fn run(
     duration: Duration,
 ) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(connections > 0, "--connections must be at least 1");
-    anyhow::ensure!(!bodies.is_empty(), "no request bodies");
+    anyhow::ensure!(!bodies.is_empty(), "no request items");
     let mut senders = Vec::with_capacity(connections);
     for _ in 0..connections {
         senders.push(connect(target.addr).await?);
@@ -198,7 +237,7 @@ async fn connection_loop(
         let Some(body) = bodies.get(rng.usize(..bodies.len())) else {
             break;
         };
-        let req = target.request(body.clone());
+        let req = target.request(body.clone())?;
         let sent = Instant::now();
         match exchange(&mut sender, req).await {
             Ok((status, _)) => {
@@ -241,7 +280,7 @@ pub async fn create_sessions(
                     "user_id": format!("bench-user-{i}"),
                 }))?;
                 let sent = Instant::now();
-                let (status, body) = exchange(&mut sender, target.request(body.into()))
+                let (status, body) = exchange(&mut sender, target.request(body.into())?)
                     .await
                     .context("POST /v1/sessions failed")?;
                 stats::record(&mut histogram, sent.elapsed());

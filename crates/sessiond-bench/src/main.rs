@@ -10,14 +10,18 @@
 //!   again; every acknowledged operation is checked after each restart;
 //! - `soak`: mixed traffic against a real `sessiond` process for a bounded time, sampling its
 //!   memory, open descriptors and latency, then an overload burst past its concurrency cap;
-//! - `all`: in-process, HTTP (verify, durable create, and refresh in token mode), and the
-//!   stores given, then one markdown table (`--quick` for a few-second smoke run in CI).
+//! - `peers`: the same HTTP load on the session layers users compare with (tower-sessions on
+//!   memory, Redis and PostgreSQL; express-session with connect-redis), beside sessiond;
+//! - `all`: in-process, HTTP (verify, durable create, and refresh in token mode), the stores
+//!   given and the peers, then one markdown table (`--quick` for a few-second smoke run in CI).
 
 mod cleanup;
 mod crash;
 mod http;
 mod inprocess;
 mod loadgen;
+mod peers;
+mod pin;
 mod refresh;
 mod soak;
 mod stats;
@@ -46,8 +50,11 @@ enum Command {
     Http(HttpArgs),
     /// HTTP create and verify on each store given (and the embedded one), side by side.
     Stores(StoresArgs),
-    /// In-process, HTTP, and the stores given, then one markdown table.
+    /// In-process, HTTP, the stores given and the peers, then one markdown table.
     All(AllArgs),
+    /// The peers (tower-sessions, express-session) beside sessiond on the stores given, with
+    /// the same load; the flags are those of `all`.
+    Peers(AllArgs),
     /// HTTP create without and with a webhook endpoint for every event, alternating.
     Webhooks(WebhooksArgs),
     /// Kill a real sessiond with SIGKILL under load, again and again, and check that no
@@ -270,6 +277,66 @@ struct AllArgs {
     client_threads: u64,
     #[command(flatten)]
     stores: StoreArgs,
+    /// Also run the peers (the default): tower-sessions on memory, and on Redis and
+    /// PostgreSQL when given; express-session + connect-redis when Redis is given.
+    #[arg(long, overrides_with = "no_peers")]
+    peers: bool,
+    /// Do not run the peers.
+    #[arg(long, overrides_with = "peers")]
+    no_peers: bool,
+}
+
+impl AllArgs {
+    /// The HTTP settings, with `--quick`'s defaults where asked.
+    fn settings(&self) -> anyhow::Result<http::Settings> {
+        let (seconds, sessions, warmup) = if self.quick {
+            (1.0, 1_000, 0.0)
+        } else {
+            (5.0, 10_000, 1.0)
+        };
+        Ok(http::Settings {
+            sessions: count(self.sessions.unwrap_or(sessions))?,
+            duration: Duration::from_secs_f64(self.seconds.unwrap_or(seconds)),
+            warmup: Duration::from_secs_f64(self.warmup_seconds.unwrap_or(warmup)),
+            connections: count(self.connections)?,
+            server_threads: count(self.server_threads)?,
+            client_threads: count(self.client_threads)?,
+            session_cache: true,
+        })
+    }
+
+    /// Runs the peers that the stores given allow (a debug build of the Rust one with
+    /// `--quick`).
+    fn run_peers(&self, settings: &http::Settings) -> anyhow::Result<peers::Report> {
+        let list = peers::peers(
+            self.stores.redis.as_deref(),
+            self.stores.postgres.as_deref(),
+        );
+        let build = if self.quick {
+            peers::Build::Debug
+        } else {
+            peers::Build::Release
+        };
+        let report = peers::run(settings, &list, build)?;
+        report.print();
+        Ok(report)
+    }
+}
+
+/// Prints the ratios of sessiond's throughput to the peers'.
+fn print_peer_ratios(report: &peers::Report, sessiond: &peers::Sessiond) {
+    println!();
+    print!("{}", peers::ratio_table(&report.ratios(sessiond)));
+}
+
+/// Fails if any request to a peer failed or answered other than 200.
+fn check_peers(r: &peers::Report) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        r.failures() == 0,
+        "{} HTTP requests to the peers failed or answered other than 200",
+        r.failures()
+    );
+    Ok(())
 }
 
 /// Parses a strictly positive number of seconds.
@@ -386,6 +453,7 @@ fn main() -> anyhow::Result<()> {
         Command::Http(a) => {
             let report = http::run(&http_settings(&a)?)?;
             report.print();
+            println!("{}", pin::describe());
             print_table(&report.rows());
             check_http(&report)
         }
@@ -398,6 +466,7 @@ fn main() -> anyhow::Result<()> {
         Command::Stores(a) => {
             let report = stores::run(&http_settings(&a.http)?, &a.stores.stores())?;
             report.print();
+            println!("{}", pin::describe());
             check_stores(&report)
         }
         Command::Crash(a) => {
@@ -459,14 +528,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::All(a) => {
-            let (seconds, sessions, warmup) = if a.quick {
-                (1.0, 1_000, 0.0)
-            } else {
-                (5.0, 10_000, 1.0)
-            };
-            let seconds = Duration::from_secs_f64(a.seconds.unwrap_or(seconds));
-            let sessions = count(a.sessions.unwrap_or(sessions))?;
-            let warmup = Duration::from_secs_f64(a.warmup_seconds.unwrap_or(warmup));
+            let settings = a.settings()?;
+            let (seconds, sessions) = (settings.duration, settings.sessions);
             let mut in_process = Vec::new();
             for mode in inprocess::ALL_MODES {
                 let r = inprocess::run(&inprocess::Settings {
@@ -479,15 +542,6 @@ fn main() -> anyhow::Result<()> {
                 println!();
                 in_process.push(r);
             }
-            let settings = http::Settings {
-                sessions,
-                duration: seconds,
-                warmup,
-                connections: count(a.connections)?,
-                server_threads: count(a.server_threads)?,
-                client_threads: count(a.client_threads)?,
-                session_cache: true,
-            };
             let over_http = http::run(&settings)?;
             over_http.print();
             let refreshed = refresh::run(&settings, &http::Store::Embedded)?;
@@ -508,7 +562,22 @@ fn main() -> anyhow::Result<()> {
                 // The embedded store's rows are already there, from the HTTP scenario.
                 rows.extend(r.rows().into_iter().skip(2));
             }
+            let on_peers = if a.no_peers {
+                None
+            } else {
+                println!();
+                Some(a.run_peers(&settings)?)
+            };
+            let hello = over_http.hello.throughput();
+            if let Some(p) = &on_peers {
+                rows.extend(p.rows(hello));
+            }
+            println!("\n{}", pin::describe());
             print_table(&rows);
+            if let Some(p) = &on_peers {
+                let sessiond = over_http.sessiond.throughput();
+                print_peer_ratios(p, &peers::Sessiond::of(hello, sessiond, on_stores.as_ref()));
+            }
             in_process.iter().try_for_each(check_in_process)?;
             check_http(&over_http)?;
             anyhow::ensure!(
@@ -517,7 +586,29 @@ fn main() -> anyhow::Result<()> {
                 refreshed.non_200,
                 refreshed.errors
             );
-            on_stores.as_ref().map_or(Ok(()), check_stores)
+            on_stores.as_ref().map_or(Ok(()), check_stores)?;
+            on_peers.as_ref().map_or(Ok(()), check_peers)
+        }
+        Command::Peers(a) => {
+            let settings = a.settings()?;
+            let on_stores = stores::run(&settings, &a.stores.stores())?;
+            on_stores.print();
+            println!();
+            let on_peers = a.run_peers(&settings)?;
+            let hello = on_stores.hello.throughput();
+            let mut rows = vec![on_stores.hello_row()];
+            rows.extend(on_stores.rows());
+            rows.extend(on_peers.rows(hello));
+            println!("\n{}", pin::describe());
+            print_table(&rows);
+            let embedded = on_stores
+                .stores
+                .first()
+                .map_or(0.0, |s| s.verify.throughput());
+            let sessiond = peers::Sessiond::of(hello, embedded, Some(&on_stores));
+            print_peer_ratios(&on_peers, &sessiond);
+            check_stores(&on_stores)?;
+            check_peers(&on_peers)
         }
     }
 }

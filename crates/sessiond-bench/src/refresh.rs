@@ -26,6 +26,7 @@ pub fn run(settings: &Settings, store: &Store) -> anyhow::Result<LoadReport> {
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.client_threads)
         .thread_name("bench-loadgen")
+        .on_thread_start(crate::pin::client_thread)
         .enable_all()
         .build()
         .context("cannot start the load generator's runtime")?;
@@ -176,7 +177,7 @@ async fn connection_loop(
         let body = serde_json::to_vec(&serde_json::json!({ "refresh_token": tokens[i] }))?;
         let sent = Instant::now();
         let measured = sent >= measured_from;
-        match loadgen::exchange(&mut sender, target.request(Bytes::from(body))).await {
+        match loadgen::exchange(&mut sender, target.request(Bytes::from(body))?).await {
             Ok((status, body)) => {
                 if measured {
                     stats::record(&mut out.histogram, sent.elapsed());

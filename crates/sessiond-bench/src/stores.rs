@@ -91,6 +91,20 @@ impl Report {
         out
     }
 
+    /// The row of the hello ceiling.
+    pub fn hello_row(&self) -> Row {
+        Row {
+            scenario: format!(
+                "HTTP bare axum `POST /` hello (ceiling), {} conns",
+                self.settings.connections
+            ),
+            throughput: self.hello.throughput(),
+            unit: "req/s",
+            latencies: Latencies::of(&self.hello.histogram),
+            ratio: Some(1.0),
+        }
+    }
+
     /// Summary rows for the combined table of `all`.
     pub fn rows(&self) -> Vec<Row> {
         let c = self.settings.connections;

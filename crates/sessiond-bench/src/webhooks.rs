@@ -67,6 +67,7 @@ pub fn run(settings: &Settings, rounds: usize) -> anyhow::Result<Report> {
     let client = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.client_threads)
         .thread_name("bench-loadgen")
+        .on_thread_start(crate::pin::client_thread)
         .enable_all()
         .build()
         .context("cannot start the load generator's runtime")?;

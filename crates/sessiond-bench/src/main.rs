@@ -10,14 +10,19 @@
 //!   again; every acknowledged operation is checked after each restart;
 //! - `soak`: mixed traffic against a real `sessiond` process for a bounded time, sampling its
 //!   memory, open descriptors and latency, then an overload burst past its concurrency cap;
-//! - `all`: in-process, HTTP, and the stores given, then one markdown table (`--quick` for a
-//!   few-second smoke run in CI).
+//! - `scale`: in-process verify and resident memory with 10 k, 1 M and 10 M stored sessions,
+//!   each size in a child process;
+//! - `all`: in-process, HTTP, the stores given and scale, then one markdown table, written
+//!   with a chart to `--out-dir` (`--quick` for a few-second smoke run in CI).
 
+mod chart;
 mod cleanup;
 mod crash;
 mod http;
 mod inprocess;
 mod loadgen;
+mod output;
+mod scale;
 mod soak;
 mod stats;
 mod stores;
@@ -55,6 +60,12 @@ enum Command {
     /// Mixed traffic against a real sessiond for a bounded time: memory, open descriptors and
     /// latency over time, then an overload burst (exits non-zero on errors or growth).
     Soak(SoakArgs),
+    /// In-process verify and resident memory per session with 10 k, 1 M and 10 M stored
+    /// sessions, each size in a child process.
+    Scale(scale::ScaleArgs),
+    /// One size of `scale` (run by `scale` in a child process).
+    #[command(hide = true)]
+    ScaleChild(scale::ChildArgs),
 }
 
 /// Flags of `soak`.
@@ -265,6 +276,10 @@ struct AllArgs {
     client_threads: u64,
     #[command(flatten)]
     stores: StoreArgs,
+    #[command(flatten)]
+    scale: scale::AllScaleArgs,
+    #[command(flatten)]
+    output: output::OutputArgs,
 }
 
 /// Parses a strictly positive number of seconds.
@@ -452,6 +467,19 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Scale(a) => {
+            let report = scale::run(
+                &a.tuning
+                    .settings(a.sizes, Duration::from_secs_f64(a.seconds))?,
+            )?;
+            report.print();
+            print_table(&report.rows());
+            println!();
+            print!("{}", report.table());
+            anyhow::ensure!(report.errors() == 0, "{} verifies failed", report.errors());
+            Ok(())
+        }
+        Command::ScaleChild(a) => scale::child(&a),
         Command::All(a) => {
             let (seconds, sessions, warmup) = if a.quick {
                 (1.0, 1_000, 0.0)
@@ -492,13 +520,40 @@ fn main() -> anyhow::Result<()> {
                 r.print();
                 Some(r)
             };
+            let at_scale = if a.scale.no_scale {
+                None
+            } else {
+                println!();
+                let sizes = a.scale.scale_sizes.clone().unwrap_or_else(|| {
+                    if a.quick {
+                        scale::QUICK_SIZES.to_vec()
+                    } else {
+                        scale::DEFAULT_SIZES.to_vec()
+                    }
+                });
+                let r = scale::run(&a.scale.tuning.settings(sizes, seconds)?)?;
+                r.print();
+                Some(r)
+            };
             let mut rows: Vec<stats::Row> = in_process.iter().map(inprocess::Report::row).collect();
             rows.extend(over_http.rows());
             if let Some(r) = &on_stores {
                 // The embedded store's rows are already there, from the HTTP scenario.
                 rows.extend(r.rows().into_iter().skip(2));
             }
+            if let Some(r) = &at_scale {
+                rows.extend(r.rows());
+            }
             print_table(&rows);
+            if let Some(r) = &at_scale {
+                println!();
+                print!("{}", r.table());
+            }
+            output::write(&a.output, &rows, at_scale.as_ref())?;
+            anyhow::ensure!(
+                at_scale.as_ref().map_or(0, scale::Report::errors) == 0,
+                "some verifies of the scale scenario failed"
+            );
             in_process.iter().try_for_each(check_in_process)?;
             check_http(&over_http)?;
             on_stores.as_ref().map_or(Ok(()), check_stores)

@@ -902,6 +902,8 @@ mod tests {
     fn larger_sizes_are_estimated_from_the_largest_measured() {
         let mut r = result(1_000_000, 1000, 3000, 1_000_000 * 900);
         r.rss_before = (64 << 20) + 47_000_000;
+        r.rss_loaded = r.rss_before + 900_000_000;
+        r.rss_after_verify = r.rss_loaded;
         r.db_bytes = 500_000_000;
         let (base, per) = r.estimate(false);
         assert_eq!(base, 64 << 20);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use sessiond_api::{CreateSessionRequest, VerifyRequest};
+use sessiond_api::{CreateSessionRequest, PolicyDocument, VerifyRequest};
 use sessiond_core::events::Audit;
 use sessiond_core::service::{ServiceConfig, SessionService};
 use sessiond_core::session::SessionRecord;
@@ -677,6 +677,16 @@ fn measure(
         Arc::new(NoopSink),
         ServiceConfig::default(),
     ));
+    // Sessions must outlive a long load: idle expiry as long as the absolute timeout (12 h by
+    // default), and no per-user limit.
+    let defaults = PolicyDocument::default();
+    let policy = PolicyDocument {
+        idle_timeout_s: defaults.absolute_timeout_s,
+        max_sessions_per_user: None,
+        ..defaults
+    };
+    rt.block_on(service.put_policy("default", policy, &Audit::new("bench")))
+        .context("cannot set the scale policy")?;
     // One create first, for the token length; the buffer is filled (so resident) before the
     // baseline is read.
     let first = rt.block_on(create_one(&service, 0))?;

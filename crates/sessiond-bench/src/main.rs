@@ -12,17 +12,23 @@
 //!   memory, open descriptors and latency, then an overload burst past its concurrency cap;
 //! - `peers`: the same HTTP load on the session layers users compare with (tower-sessions on
 //!   memory, Redis and PostgreSQL; express-session with connect-redis), beside sessiond;
+//! - `scale`: in-process verify and resident memory with 10 k, 1 M and 10 M stored sessions,
+//!   each size in a child process;
 //! - `all`: in-process, HTTP (verify, durable create, and refresh in token mode), the stores
-//!   given and the peers, then one markdown table (`--quick` for a few-second smoke run in CI).
+//!   given, the peers and scale, then one markdown table, written with a chart to `--out-dir`
+//!   (`--quick` for a few-second smoke run in CI).
 
+mod chart;
 mod cleanup;
 mod crash;
 mod http;
 mod inprocess;
 mod loadgen;
+mod output;
 mod peers;
 mod pin;
 mod refresh;
+mod scale;
 mod soak;
 mod stats;
 mod stores;
@@ -63,6 +69,12 @@ enum Command {
     /// Mixed traffic against a real sessiond for a bounded time: memory, open descriptors and
     /// latency over time, then an overload burst (exits non-zero on errors or growth).
     Soak(SoakArgs),
+    /// In-process verify and resident memory per session with 10 k, 1 M and 10 M stored
+    /// sessions, each size in a child process.
+    Scale(scale::ScaleArgs),
+    /// One size of `scale` (run by `scale` in a child process).
+    #[command(hide = true)]
+    ScaleChild(scale::ChildArgs),
 }
 
 /// Flags of `soak`.
@@ -284,6 +296,10 @@ struct AllArgs {
     /// Do not run the peers.
     #[arg(long, overrides_with = "peers")]
     no_peers: bool,
+    #[command(flatten)]
+    scale: scale::AllScaleArgs,
+    #[command(flatten)]
+    output: output::OutputArgs,
 }
 
 impl AllArgs {
@@ -527,6 +543,19 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Scale(a) => {
+            let report = scale::run(
+                &a.tuning
+                    .settings(a.sizes, Duration::from_secs_f64(a.seconds))?,
+            )?;
+            report.print();
+            print_table(&report.rows());
+            println!();
+            print!("{}", report.table());
+            anyhow::ensure!(report.errors() == 0, "{} verifies failed", report.errors());
+            Ok(())
+        }
+        Command::ScaleChild(a) => scale::child(&a),
         Command::All(a) => {
             let settings = a.settings()?;
             let (seconds, sessions) = (settings.duration, settings.sessions);
@@ -555,6 +584,21 @@ fn main() -> anyhow::Result<()> {
                 r.print();
                 Some(r)
             };
+            let at_scale = if a.scale.no_scale {
+                None
+            } else {
+                println!();
+                let sizes = a.scale.scale_sizes.clone().unwrap_or_else(|| {
+                    if a.quick {
+                        scale::QUICK_SIZES.to_vec()
+                    } else {
+                        scale::DEFAULT_SIZES.to_vec()
+                    }
+                });
+                let r = scale::run(&a.scale.tuning.settings(sizes, seconds)?)?;
+                r.print();
+                Some(r)
+            };
             let mut rows: Vec<stats::Row> = in_process.iter().map(inprocess::Report::row).collect();
             rows.extend(over_http.rows());
             rows.push(refresh::row(&settings, &refreshed));
@@ -572,12 +616,24 @@ fn main() -> anyhow::Result<()> {
             if let Some(p) = &on_peers {
                 rows.extend(p.rows(hello));
             }
+            if let Some(r) = &at_scale {
+                rows.extend(r.rows());
+            }
             println!("\n{}", pin::describe());
             print_table(&rows);
             if let Some(p) = &on_peers {
                 let sessiond = over_http.sessiond.throughput();
                 print_peer_ratios(p, &peers::Sessiond::of(hello, sessiond, on_stores.as_ref()));
             }
+            if let Some(r) = &at_scale {
+                println!();
+                print!("{}", r.table());
+            }
+            output::write(&a.output, &rows, at_scale.as_ref())?;
+            anyhow::ensure!(
+                at_scale.as_ref().map_or(0, scale::Report::errors) == 0,
+                "some verifies of the scale scenario failed"
+            );
             in_process.iter().try_for_each(check_in_process)?;
             check_http(&over_http)?;
             anyhow::ensure!(

@@ -17,6 +17,7 @@ use sessiond_core::session::{
 };
 use sessiond_core::time::Timestamp;
 use sessiond_core::token::{SessionHandle, TenantId, TokenFormat, UserId};
+use sessiond_core::wire::SessionJson;
 use sessiond_store::row::{Row, no_intern};
 
 /// A fixed "now": 2026-01-01T00:00:00Z.
@@ -109,6 +110,23 @@ fn decision(c: &mut Criterion) {
             .unwrap()
         })
     });
+    for (name, s) in [("empty data", &empty), ("1 KiB data", &big)] {
+        c.bench_function(
+            &format!("session/JSON response from the record ({name})"),
+            |b| {
+                b.iter(|| {
+                    SessionJson {
+                        session: black_box(s),
+                        policy: &policy,
+                        now: black_box(now),
+                        location: None,
+                    }
+                    .to_vec()
+                    .unwrap()
+                })
+            },
+        );
+    }
     c.bench_function("session/to_api + JSON response (1 KiB data)", |b| {
         b.iter(|| {
             serde_json::to_vec(&SessionResponse {

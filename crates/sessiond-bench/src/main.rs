@@ -621,15 +621,23 @@ fn main() -> anyhow::Result<()> {
             }
             println!("\n{}", pin::describe());
             print_table(&rows);
-            if let Some(p) = &on_peers {
+            let ratios = on_peers.as_ref().map(|p| {
                 let sessiond = over_http.sessiond.throughput();
-                print_peer_ratios(p, &peers::Sessiond::of(hello, sessiond, on_stores.as_ref()));
+                peers::ratio_table(&p.ratios(&peers::Sessiond::of(
+                    hello,
+                    sessiond,
+                    on_stores.as_ref(),
+                )))
+            });
+            if let Some(r) = &ratios {
+                println!();
+                print!("{r}");
             }
             if let Some(r) = &at_scale {
                 println!();
                 print!("{}", r.table());
             }
-            output::write(&a.output, &rows, at_scale.as_ref())?;
+            output::write(&a.output, &rows, ratios.as_deref(), at_scale.as_ref())?;
             anyhow::ensure!(
                 at_scale.as_ref().map_or(0, scale::Report::errors) == 0,
                 "some verifies of the scale scenario failed"

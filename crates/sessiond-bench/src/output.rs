@@ -33,10 +33,15 @@ impl OutputArgs {
     }
 }
 
-/// The results in markdown: the summary table, then the scale table if it ran.
-pub fn markdown(rows: &[Row], scale: Option<&scale::Report>) -> String {
+/// The results in markdown: the summary table, the peers' ratio table if they ran, then the
+/// scale table if it ran.
+pub fn markdown(rows: &[Row], ratios: Option<&str>, scale: Option<&scale::Report>) -> String {
     let mut out = String::from("### Summary\n\n");
     out.push_str(&stats::table(rows));
+    if let Some(r) = ratios {
+        out.push_str("\n### sessiond over the peers, measured in the same run\n\n");
+        out.push_str(r);
+    }
     if let Some(s) = scale {
         out.push_str("\n### Scale: verify and memory by stored sessions\n\n");
         out.push_str(&s.table());
@@ -45,9 +50,14 @@ pub fn markdown(rows: &[Row], scale: Option<&scale::Report>) -> String {
 }
 
 /// Writes the markdown results and the chart; prints where.
-pub fn write(args: &OutputArgs, rows: &[Row], scale: Option<&scale::Report>) -> anyhow::Result<()> {
+pub fn write(
+    args: &OutputArgs,
+    rows: &[Row],
+    ratios: Option<&str>,
+    scale: Option<&scale::Report>,
+) -> anyhow::Result<()> {
     let md = args.results_path();
-    write_file(&md, &markdown(rows, scale))?;
+    write_file(&md, &markdown(rows, ratios, scale))?;
     let png = args.chart_path();
     chart::write_png(rows, "sessiond-bench: throughput and p99 by scenario", &png)?;
     println!("\nresults: {}\nchart: {}", md.display(), png.display());

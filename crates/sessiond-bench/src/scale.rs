@@ -64,7 +64,7 @@ pub struct ScaleArgs {
 pub struct Tuning {
     /// Verifying OS threads, and worker threads of the loading runtime [default: number of
     /// cores].
-    #[arg(long = "scale-threads", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long = "scale-threads", id = "scale_threads", value_parser = clap::value_parser!(u64).range(1..))]
     pub threads: Option<u64>,
     /// Creates in flight while loading the sessions.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]

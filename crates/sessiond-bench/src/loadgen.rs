@@ -170,11 +170,47 @@ impl LoadReport {
 }
 
 /// What one connection did.
-struct ConnResult {
-    requests: u64,
-    non_200: u64,
-    errors: u64,
-    histogram: Histogram<u64>,
+pub(crate) struct ConnResult {
+    pub(crate) requests: u64,
+    pub(crate) non_200: u64,
+    pub(crate) errors: u64,
+    pub(crate) histogram: Histogram<u64>,
+}
+
+impl ConnResult {
+    /// Nothing done yet.
+    pub(crate) fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            requests: 0,
+            non_200: 0,
+            errors: 0,
+            histogram: stats::new_histogram()?,
+        })
+    }
+}
+
+/// Waits for every connection of a run and adds up what they did; `elapsed` is the time from
+/// `measured_from` to the last connection's end.
+pub(crate) async fn gather(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<ConnResult>>,
+    measured_from: Instant,
+) -> anyhow::Result<LoadReport> {
+    let mut report = LoadReport {
+        requests: 0,
+        non_200: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        histogram: stats::new_histogram()?,
+    };
+    while let Some(done) = tasks.join_next().await {
+        let c = done.context("a load connection task failed")??;
+        report.requests += c.requests;
+        report.non_200 += c.non_200;
+        report.errors += c.errors;
+        stats::merge(&mut report.histogram, &c.histogram)?;
+    }
+    report.elapsed = measured_from.elapsed();
+    Ok(report)
 }
 
 /// Runs the closed loop: `connections` connections for `duration`, items picked at random.
@@ -201,22 +237,7 @@ pub async fn run(
             deadline,
         ));
     }
-    let mut report = LoadReport {
-        requests: 0,
-        non_200: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        histogram: stats::new_histogram()?,
-    };
-    while let Some(done) = tasks.join_next().await {
-        let c = done.context("a load connection task failed")??;
-        report.requests += c.requests;
-        report.non_200 += c.non_200;
-        report.errors += c.errors;
-        stats::merge(&mut report.histogram, &c.histogram)?;
-    }
-    report.elapsed = start.elapsed();
-    Ok(report)
+    gather(tasks, start).await
 }
 
 /// One connection's closed loop. A failed exchange is counted and the connection reopened.
@@ -227,12 +248,7 @@ async fn connection_loop(
     deadline: Instant,
 ) -> anyhow::Result<ConnResult> {
     let mut rng = fastrand::Rng::new();
-    let mut out = ConnResult {
-        requests: 0,
-        non_200: 0,
-        errors: 0,
-        histogram: stats::new_histogram()?,
-    };
+    let mut out = ConnResult::new()?;
     while Instant::now() < deadline {
         let Some(body) = bodies.get(rng.usize(..bodies.len())) else {
             break;

@@ -121,22 +121,7 @@ async fn load(settings: &Settings, servers: &Servers) -> anyhow::Result<LoadRepo
             deadline,
         ));
     }
-    let mut report = LoadReport {
-        requests: 0,
-        non_200: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        histogram: stats::new_histogram()?,
-    };
-    while let Some(done) = tasks.join_next().await {
-        let c = done.context("a refresh connection failed")??;
-        report.requests += c.requests;
-        report.non_200 += c.non_200;
-        report.errors += c.errors;
-        stats::merge(&mut report.histogram, &c.histogram)?;
-    }
-    report.elapsed = measured_from.elapsed();
-    Ok(report)
+    loadgen::gather(tasks, measured_from).await
 }
 
 /// The refresh token of a create or refresh answer.
@@ -148,14 +133,6 @@ fn refresh_token_of(answer: &serde_json::Value) -> anyhow::Result<String> {
         .context("the answer has no refresh_token")
 }
 
-/// What one connection did.
-struct Counts {
-    requests: u64,
-    non_200: u64,
-    errors: u64,
-    histogram: hdrhistogram::Histogram<u64>,
-}
-
 /// One connection: refreshes its sessions round-robin until `deadline`, recording from
 /// `measured_from` on. A session whose refresh fails leaves the rotation (its chain is broken).
 async fn connection_loop(
@@ -163,14 +140,9 @@ async fn connection_loop(
     mut tokens: Vec<String>,
     measured_from: Instant,
     deadline: Instant,
-) -> anyhow::Result<Counts> {
+) -> anyhow::Result<loadgen::ConnResult> {
     let mut sender = loadgen::connect(target.addr).await?;
-    let mut out = Counts {
-        requests: 0,
-        non_200: 0,
-        errors: 0,
-        histogram: stats::new_histogram()?,
-    };
+    let mut out = loadgen::ConnResult::new()?;
     let mut i = 0;
     while Instant::now() < deadline && !tokens.is_empty() {
         i %= tokens.len();

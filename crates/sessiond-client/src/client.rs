@@ -59,7 +59,8 @@ pub struct ListOptions {
 ///
 /// Cheap to clone (the connection pool is shared). Every `/v1/*` request carries
 /// `Authorization: Bearer <api key>`; [`Client::jwks`] is public and carries none. The `Debug`
-/// output shows the base URL but never the API key.
+/// output shows the base URL but never the API key. Redirects are never followed: a `3xx` answer
+/// is [`Error::Redirected`], so a body holding a token is only ever sent to the base URL.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -106,18 +107,22 @@ struct PatchBody<'a> {
 impl Client {
     /// A client for the server at `base_url` (for example `http://127.0.0.1:8080`, or
     /// `https://example.com/sessiond/` behind a path prefix) with its own connection pool,
-    /// [`DEFAULT_TIMEOUT`] and [`DEFAULT_CONNECT_TIMEOUT`].
+    /// [`DEFAULT_TIMEOUT`] and [`DEFAULT_CONNECT_TIMEOUT`], which follows no redirect.
     pub fn new(base_url: &str, api_key: &str) -> Result<Self, Error> {
         let http = reqwest::Client::builder()
             .timeout(DEFAULT_TIMEOUT)
             .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(Error::Transport)?;
         Self::with_http(base_url, api_key, http)
     }
 
     /// A client that sends its requests through `http` (to share a pool, or to set timeouts,
-    /// proxies or TLS roots).
+    /// proxies or TLS roots). Build `http` with `redirect(reqwest::redirect::Policy::none())`:
+    /// this client cannot stop `http` from following a redirect and re-sending a request body
+    /// (which may hold a token) to another origin; it only refuses the answer afterwards
+    /// ([`Error::Redirected`]).
     pub fn with_http(base_url: &str, api_key: &str, http: reqwest::Client) -> Result<Self, Error> {
         let mut base = Url::parse(base_url)
             .map_err(|_| Error::InvalidArgument("the base URL is not a valid URL"))?;
@@ -438,12 +443,7 @@ impl Client {
     /// `GET /.well-known/jwks.json` (public: sent without the API key): the keys that may have
     /// signed a live access token. Entries that are not sessiond signature keys are skipped.
     pub async fn jwks(&self) -> Result<JwkSet, Error> {
-        let response = self
-            .http
-            .get(self.jwks_url.clone())
-            .send()
-            .await
-            .map_err(Error::Transport)?;
+        let response = self.execute(self.http.get(self.jwks_url.clone())).await?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
             return Err(error_from(response).await);
@@ -475,8 +475,25 @@ impl Client {
             .header(AUTHORIZATION, self.auth.clone())
     }
 
+    /// Sends `request`; a redirect, followed or not, is [`Error::Redirected`].
+    async fn execute(&self, request: RequestBuilder) -> Result<Response, Error> {
+        let (http, request) = request.build_split();
+        let request = request.map_err(Error::Transport)?;
+        let url = request.url().clone();
+        let response = http.execute(request).await.map_err(Error::Transport)?;
+        if response.status().is_redirection() {
+            return Err(Error::Redirected {
+                status: Some(response.status().as_u16()),
+            });
+        }
+        if response.url() != &url {
+            return Err(Error::Redirected { status: None });
+        }
+        Ok(response)
+    }
+
     async fn send<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T, Error> {
-        let response = request.send().await.map_err(Error::Transport)?;
+        let response = self.execute(request).await?;
         if !response.status().is_success() {
             return Err(error_from(response).await);
         }

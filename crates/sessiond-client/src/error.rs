@@ -26,6 +26,14 @@ pub enum Error {
         /// The HTTP status code.
         status: u16,
     },
+    /// The server answered with a redirect (3xx), which the client never follows: a request body
+    /// holds tokens and must not be sent to another URL. Also when a client given to
+    /// [`Client::with_http`](crate::Client::with_http) followed one: its answer is not used.
+    #[error("sessiond answered a redirect, which is not followed")]
+    Redirected {
+        /// The HTTP status code of the redirect; `None` when the client followed it.
+        status: Option<u16>,
+    },
     /// The request could not be sent or the response could not be read (connection refused,
     /// timeout, TLS failure, ...).
     #[error("request to sessiond failed: {0}")]
@@ -60,6 +68,7 @@ impl Error {
             Self::Api { status, .. }
             | Self::UnexpectedStatus { status }
             | Self::Decode { status, .. } => Some(*status),
+            Self::Redirected { status } => *status,
             Self::Transport(e) => e.status().map(|s| s.as_u16()),
             Self::InvalidArgument(_) => None,
         }

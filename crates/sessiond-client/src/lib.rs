@@ -6,7 +6,8 @@
 //!   branch on.
 //! - [`AccessTokenVerifier`]: verifies the access tokens (JWT) of token mode locally, with the
 //!   keys of the server's JWKS, cached and refetched when an unknown key id appears (at most once
-//!   per minimum interval, whatever the number of callers).
+//!   per minimum interval, whatever the number of callers); cached keys that cannot be refreshed
+//!   within the key expiry stop verifying.
 //!
 //! - [`webhook::WebhookVerifier`]: checks the Standard Webhooks signature and timestamp of the
 //!   webhooks sessiond delivers, and answers the event.
@@ -73,6 +74,7 @@ pub use sessiond_api as api;
 pub use client::{Client, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ListOptions, StatusFilter};
 pub use error::Error;
 pub use verifier::{
-    AccessTokenVerifier, Clock, DEFAULT_FETCH_TIMEOUT, DEFAULT_LEEWAY, DEFAULT_MAX_KEY_AGE,
-    DEFAULT_MIN_REFRESH_INTERVAL, MAX_JWKS_LEN, MAX_TOKEN_LEN, VerifierBuilder, VerifyError,
+    AccessTokenVerifier, Clock, DEFAULT_FETCH_TIMEOUT, DEFAULT_KEY_EXPIRY, DEFAULT_LEEWAY,
+    DEFAULT_MAX_KEY_AGE, DEFAULT_MAX_TOKEN_LIFETIME, DEFAULT_MIN_REFRESH_INTERVAL, MAX_JWKS_LEN,
+    MAX_TOKEN_LEN, VerifierBuilder, VerifyError,
 };

@@ -6,14 +6,21 @@
 //! 1. the shape: three base64url parts, at most [`MAX_TOKEN_LEN`] bytes;
 //! 2. the header, without trusting it: `alg` must be `EdDSA` or `ES256` (so `none` and HMAC are
 //!    refused); `jku`, `x5u`, `jwk`, `x5c`, `crit` and `b64` are refused (keys are never taken or
-//!    fetched from a token); `typ`, when present, must be `JWT` or `at+jwt`; `kid` is required;
+//!    fetched from a token); `typ`, when present, must be the string `at+jwt` (RFC 9068) or
+//!    `JWT` (tokens of servers before explicit typing); `kid` is required;
 //! 3. the key: `kid` is looked up in the cache; on a miss the JWKS is fetched again, at most once
 //!    per minimum refresh interval whatever the number of callers, and the lookup retried once;
 //!    the key's algorithm must be the header's `alg`; keys older than the maximum key age are
-//!    refreshed in the background (a withdrawn key stops verifying) while they keep verifying;
+//!    refreshed in the background (a withdrawn key stops verifying) while they keep verifying,
+//!    but keys not refreshed within the key expiry stop verifying (fail closed) until a fetch
+//!    succeeds, so that blocking the JWKS endpoint cannot keep a withdrawn key alive;
 //! 4. the signature, with jsonwebtoken, for exactly that algorithm;
-//! 5. the claims: `exp` and `nbf` against the verifier's clock with its leeway, then `iss` and
-//!    `aud` against the expected issuer and audience.
+//! 5. the claims: `exp` and `nbf` against the verifier's clock with its leeway, `iat` not in the
+//!    future (same leeway), `exp - iat` at most the maximum token lifetime, then `iss`, `aud`
+//!    and (when configured) `tenant` against the expected values.
+//!
+//! The JWKS is fetched over `https`, or `http` to a loopback host only, and redirects are never
+//! followed: the keys come from the configured URL or not at all.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -43,6 +50,13 @@ pub const DEFAULT_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_KEY_AGE: Duration = Duration::from_secs(300);
 /// The default timeout of one JWKS fetch: 10 seconds.
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default key expiry: cached keys not refreshed for an hour (the longest an access token
+/// lives) stop verifying. When the maximum key age is set, the default is the longer of one hour
+/// and four times that age.
+pub const DEFAULT_KEY_EXPIRY: Duration = Duration::from_secs(3600);
+/// The default maximum lifetime of an access token, `exp - iat`: 3600 seconds (the server's
+/// maximum access token TTL).
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Longer tokens are refused as malformed without being decoded.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// A larger JWKS response is refused.
@@ -82,9 +96,22 @@ pub enum VerifyError {
     /// `aud` is not the expected audience.
     #[error("access token has the wrong audience")]
     Audience,
+    /// `tenant` is not the tenant the verifier was configured for.
+    #[error("access token belongs to another tenant")]
+    Tenant,
+    /// `iat` is in the future (beyond the leeway).
+    #[error("access token is issued in the future")]
+    IssuedInFuture,
+    /// `exp - iat` is longer than the maximum token lifetime, or negative.
+    #[error("access token lifetime (exp - iat) is negative or exceeds the maximum")]
+    Lifetime,
     /// The token's key is not cached and the JWKS could not be fetched.
     #[error("could not fetch the JWKS: {0}")]
     Jwks(String),
+    /// The cached keys were last fetched longer ago than the key expiry and fetching them again
+    /// failed: no key verifies until a fetch succeeds.
+    #[error("the cached JWKS keys have expired and could not be fetched again: {0}")]
+    KeysExpired(String),
 }
 
 /// Builds an [`AccessTokenVerifier`]; from [`AccessTokenVerifier::builder`] or
@@ -97,6 +124,9 @@ pub struct VerifierBuilder {
     leeway: Duration,
     min_refresh_interval: Duration,
     max_key_age: Duration,
+    key_expiry: Option<Duration>,
+    max_token_lifetime: Duration,
+    tenant: Option<String>,
     fetch_timeout: Duration,
     http: Option<reqwest::Client>,
     clock: Option<Clock>,
@@ -111,6 +141,9 @@ impl fmt::Debug for VerifierBuilder {
             .field("leeway", &self.leeway)
             .field("min_refresh_interval", &self.min_refresh_interval)
             .field("max_key_age", &self.max_key_age)
+            .field("key_expiry", &self.key_expiry)
+            .field("max_token_lifetime", &self.max_token_lifetime)
+            .field("tenant", &self.tenant)
             .field("fetch_timeout", &self.fetch_timeout)
             .finish_non_exhaustive()
     }
@@ -129,13 +162,16 @@ impl VerifierBuilder {
             leeway: DEFAULT_LEEWAY,
             min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
             max_key_age: DEFAULT_MAX_KEY_AGE,
+            key_expiry: None,
+            max_token_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
+            tenant: None,
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
             http: None,
             clock: None,
         }
     }
 
-    /// The leeway for `exp` and `nbf` ([`DEFAULT_LEEWAY`] unless set).
+    /// The leeway for `exp`, `nbf` and `iat` ([`DEFAULT_LEEWAY`] unless set).
     pub fn leeway(mut self, leeway: Duration) -> Self {
         self.leeway = leeway;
         self
@@ -152,9 +188,35 @@ impl VerifierBuilder {
     /// How long fetched keys are used before [`AccessTokenVerifier::verify`] refreshes them in the
     /// background ([`DEFAULT_MAX_KEY_AGE`] unless set), so that a key the server withdrew stops
     /// verifying without an unknown key id having to come along. The stale keys keep verifying
-    /// while the refresh runs, and when it fails.
+    /// while the refresh runs, and when it fails, until the [key expiry](Self::key_expiry).
     pub fn max_key_age(mut self, age: Duration) -> Self {
         self.max_key_age = age;
+        self
+    }
+
+    /// How long fetched keys may be used at most when they cannot be fetched again
+    /// ([`DEFAULT_KEY_EXPIRY`], or four times the maximum key age when that is longer, unless
+    /// set). Past it, [`AccessTokenVerifier::verify`] fetches the JWKS before verifying (at most
+    /// once per minimum refresh interval) and refuses every token with
+    /// [`VerifyError::KeysExpired`] while the fetch fails, so that an endpoint made unreachable
+    /// cannot keep a withdrawn key verifying. Must not be shorter than the maximum key age.
+    pub fn key_expiry(mut self, expiry: Duration) -> Self {
+        self.key_expiry = Some(expiry);
+        self
+    }
+
+    /// The longest lifetime, `exp - iat`, of an accepted token ([`DEFAULT_MAX_TOKEN_LIFETIME`]
+    /// unless set); a longer one is [`VerifyError::Lifetime`].
+    pub fn max_token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.max_token_lifetime = lifetime;
+        self
+    }
+
+    /// Accept only tokens whose `tenant` claim is `tenant` (any tenant unless set). Set it when
+    /// tenants may share an issuer, an audience and a signing key: a verifier for one tenant then
+    /// refuses the tokens of another with [`VerifyError::Tenant`].
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
         self
     }
 
@@ -164,7 +226,9 @@ impl VerifierBuilder {
         self
     }
 
-    /// Fetch the JWKS through `http` (a new client when not set).
+    /// Fetch the JWKS through `http` (a new client that follows no redirect when not set). Give
+    /// it a client built with `redirect(reqwest::redirect::Policy::none())`: a JWKS answered from
+    /// another URL than the configured one is refused as a failed fetch, whatever the client.
     pub fn http_client(mut self, http: reqwest::Client) -> Self {
         self.http = Some(http);
         self
@@ -179,14 +243,23 @@ impl VerifierBuilder {
     /// The verifier. Its key cache starts empty: the first token fetches the JWKS (call
     /// [`AccessTokenVerifier::refresh_keys`] to fetch it up front).
     ///
-    /// Fails with [`Error::InvalidArgument`] when the JWKS URL is not an `http(s)` URL or the
-    /// issuer or the audience is empty.
+    /// Fails with [`Error::InvalidArgument`] when the JWKS URL is not an `https` URL (or an
+    /// `http` URL whose host is a loopback address: `localhost`, `127.0.0.0/8` or `::1`), the
+    /// issuer, the audience or the tenant is empty, or the key expiry is shorter than the
+    /// maximum key age.
     pub fn build(self) -> Result<AccessTokenVerifier, Error> {
         let jwks_url = self
             .jwks_url
             .map_err(|()| Error::InvalidArgument("the JWKS URL is not a valid URL"))?;
-        if !matches!(jwks_url.scheme(), "http" | "https") {
-            return Err(Error::InvalidArgument("the JWKS URL is not http or https"));
+        match jwks_url.scheme() {
+            "https" => {}
+            "http" if is_loopback(&jwks_url) => {}
+            "http" => {
+                return Err(Error::InvalidArgument(
+                    "the JWKS URL is http but its host is not a loopback address: use https",
+                ));
+            }
+            _ => return Err(Error::InvalidArgument("the JWKS URL is not https")),
         }
         if self.issuer.is_empty() {
             return Err(Error::InvalidArgument("the expected issuer is empty"));
@@ -194,10 +267,23 @@ impl VerifierBuilder {
         if self.audience.is_empty() {
             return Err(Error::InvalidArgument("the expected audience is empty"));
         }
+        if self.tenant.as_deref() == Some("") {
+            return Err(Error::InvalidArgument("the expected tenant is empty"));
+        }
+        let key_expiry = match self.key_expiry {
+            Some(expiry) if expiry < self.max_key_age => {
+                return Err(Error::InvalidArgument(
+                    "the key expiry is shorter than the maximum key age",
+                ));
+            }
+            Some(expiry) => expiry,
+            None => DEFAULT_KEY_EXPIRY.max(self.max_key_age.saturating_mul(4)),
+        };
         let http = match self.http {
             Some(http) => http,
             None => reqwest::Client::builder()
                 .connect_timeout(self.fetch_timeout)
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(Error::Transport)?,
         };
@@ -207,9 +293,13 @@ impl VerifierBuilder {
                 jwks_url,
                 issuer: self.issuer,
                 audience: self.audience,
+                tenant: self.tenant,
                 leeway: i64::try_from(self.leeway.as_secs()).unwrap_or(i64::MAX),
+                max_token_lifetime: i64::try_from(self.max_token_lifetime.as_secs())
+                    .unwrap_or(i64::MAX),
                 min_refresh_interval: self.min_refresh_interval,
                 max_key_age: self.max_key_age,
+                key_expiry,
                 fetch_timeout: self.fetch_timeout,
                 clock: self.clock.unwrap_or_else(|| Arc::new(system_now)),
                 keys: RwLock::new(HashMap::new()),
@@ -238,9 +328,12 @@ struct Inner {
     jwks_url: Url,
     issuer: String,
     audience: String,
+    tenant: Option<String>,
     leeway: i64,
+    max_token_lifetime: i64,
     min_refresh_interval: Duration,
     max_key_age: Duration,
+    key_expiry: Duration,
     fetch_timeout: Duration,
     clock: Clock,
     keys: RwLock<HashMap<String, Arc<Key>>>,
@@ -282,6 +375,7 @@ impl fmt::Debug for AccessTokenVerifier {
             .field("jwks_url", &self.inner.jwks_url.as_str())
             .field("issuer", &self.inner.issuer)
             .field("audience", &self.inner.audience)
+            .field("tenant", &self.inner.tenant)
             .field("leeway_s", &self.inner.leeway)
             .field("min_refresh_interval", &self.inner.min_refresh_interval)
             .field("cached_keys", &self.inner.keys.read().len())
@@ -312,13 +406,19 @@ impl AccessTokenVerifier {
     pub async fn verify_at(&self, token: &str, now: i64) -> Result<AccessClaims, VerifyError> {
         let parts = Parts::parse(token)?;
         let key = match self.lookup(&parts.kid) {
-            Some(key) => {
+            Lookup::Found(key) => {
                 self.refresh_in_background_if_stale();
                 key
             }
-            None => {
+            Lookup::Missing => {
                 self.refresh_after_miss().await?;
-                self.lookup(&parts.kid).ok_or(VerifyError::UnknownKey)?
+                self.lookup(&parts.kid).into_result()?
+            }
+            Lookup::Expired => {
+                self.refresh_after_miss()
+                    .await
+                    .map_err(|e| VerifyError::KeysExpired(e.to_string()))?;
+                self.lookup(&parts.kid).into_result()?
             }
         };
         self.check(&parts, &key, now)
@@ -330,15 +430,17 @@ impl AccessTokenVerifier {
         self.verify_cached_at(token, (self.inner.clock)())
     }
 
-    /// [`verify_cached`](Self::verify_cached) at `now` (Unix seconds).
+    /// [`verify_cached`](Self::verify_cached) at `now` (Unix seconds). Keys past the key expiry
+    /// are [`VerifyError::KeysExpired`].
     pub fn verify_cached_at(&self, token: &str, now: i64) -> Result<AccessClaims, VerifyError> {
         let parts = Parts::parse(token)?;
-        let key = self.lookup(&parts.kid).ok_or(VerifyError::UnknownKey)?;
+        let key = self.lookup(&parts.kid).into_result()?;
         self.check(&parts, &key, now)
     }
 
     /// Fetches the JWKS now and replaces the cached keys with its usable keys; returns how many
-    /// there are. Ignores the minimum refresh interval, but a caller that waited for a fetch in
+    /// there are. A set without any usable key is a failed fetch and keeps the cached keys.
+    /// Ignores the minimum refresh interval, but a caller that waited for a fetch in
     /// progress shares its outcome instead of fetching again.
     pub async fn refresh_keys(&self) -> Result<usize, VerifyError> {
         let seen = self.inner.fetches.load(Ordering::Acquire);
@@ -366,8 +468,29 @@ impl AccessTokenVerifier {
         &self.inner.audience
     }
 
-    fn lookup(&self, kid: &str) -> Option<Arc<Key>> {
-        self.inner.keys.read().get(kid).cloned()
+    /// The expected tenant, when set.
+    pub fn tenant(&self) -> Option<&str> {
+        self.inner.tenant.as_deref()
+    }
+
+    fn lookup(&self, kid: &str) -> Lookup {
+        if self.keys_expired() {
+            return Lookup::Expired;
+        }
+        match self.inner.keys.read().get(kid) {
+            Some(key) => Lookup::Found(key.clone()),
+            None => Lookup::Missing,
+        }
+    }
+
+    /// Whether the cached keys were fetched longer ago than the key expiry (never when nothing
+    /// was fetched yet: the cache is empty then).
+    fn keys_expired(&self) -> bool {
+        let inner = &self.inner;
+        let fetched_at = inner.fetched_at_ms.load(Ordering::Relaxed);
+        fetched_at != NEVER
+            && millis(inner.created.elapsed()).saturating_sub(fetched_at)
+                >= millis(inner.key_expiry)
     }
 
     /// After a cache miss: fetch the JWKS unless a fetch happened within the minimum interval
@@ -429,6 +552,12 @@ impl AccessTokenVerifier {
             .attempted_at_ms
             .store(millis(self.inner.created.elapsed()), Ordering::Relaxed);
         let outcome = match self.fetch_keys().await {
+            // An empty set would withdraw every key at once: more likely a broken or hostile
+            // answer than a rotation, so it is a failed fetch and the cache (with its expiry)
+            // stays.
+            Ok(keys) if keys.is_empty() => {
+                Err(VerifyError::Jwks("the JWKS holds no usable key".to_owned()))
+            }
             Ok(keys) => {
                 *self.inner.keys.write() = keys;
                 self.inner
@@ -454,6 +583,19 @@ impl AccessTokenVerifier {
             .await
             .map_err(|e| VerifyError::Jwks(error_chain(&e)))?;
         let status = response.status();
+        if status.is_redirection() {
+            return Err(VerifyError::Jwks(format!(
+                "the JWKS endpoint answered {}, a redirect, which is not followed",
+                status.as_u16()
+            )));
+        }
+        // A client given by the application may follow redirects: keys served from anywhere but
+        // the configured URL are refused all the same.
+        if response.url() != &inner.jwks_url {
+            return Err(VerifyError::Jwks(
+                "the JWKS endpoint redirected to another URL, which is refused".to_owned(),
+            ));
+        }
         if !status.is_success() {
             return Err(VerifyError::Jwks(format!(
                 "the JWKS endpoint answered {}",
@@ -515,11 +657,23 @@ impl AccessTokenVerifier {
         if now.saturating_add(leeway) < claims.nbf {
             return Err(VerifyError::NotYetValid);
         }
+        if now.saturating_add(leeway) < claims.iat {
+            return Err(VerifyError::IssuedInFuture);
+        }
+        match claims.exp.checked_sub(claims.iat) {
+            Some(lifetime) if (0..=self.inner.max_token_lifetime).contains(&lifetime) => {}
+            _ => return Err(VerifyError::Lifetime),
+        }
         if claims.iss != self.inner.issuer {
             return Err(VerifyError::Issuer);
         }
         if claims.aud != self.inner.audience {
             return Err(VerifyError::Audience);
+        }
+        if let Some(tenant) = &self.inner.tenant
+            && claims.tenant != *tenant
+        {
+            return Err(VerifyError::Tenant);
         }
         Ok(claims)
     }
@@ -542,14 +696,61 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Present>, D::Error>
     serde::de::IgnoredAny::deserialize(d).map(|_| Some(Present))
 }
 
+/// A present member's value, `null` included (a plain `Option` would read `null` as absent).
+fn some_value<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
+}
+
+/// The `typ` values of an access token: `at+jwt` (RFC 9068; `application/` may prefix it, and
+/// media types compare case-insensitively, RFC 7515) and `JWT`, which servers wrote before
+/// explicit typing.
+const ACCEPTED_TYP: [&str; 3] = ["at+jwt", "application/at+jwt", "JWT"];
+
+/// What the cache holds for a key id.
+enum Lookup {
+    Found(Arc<Key>),
+    Missing,
+    /// The cached keys are past the key expiry.
+    Expired,
+}
+
+impl Lookup {
+    fn into_result(self) -> Result<Arc<Key>, VerifyError> {
+        match self {
+            Self::Found(key) => Ok(key),
+            Self::Missing => Err(VerifyError::UnknownKey),
+            Self::Expired => Err(VerifyError::KeysExpired(
+                "the keys were not refreshed within the key expiry".to_owned(),
+            )),
+        }
+    }
+}
+
+/// Whether `url`'s host is `localhost` or a loopback address (`127.0.0.0/8`, `::1`).
+fn is_loopback(url: &Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    // The URL parser writes IP hosts canonically (`127.0.0.1`, `[::1]`).
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
 #[derive(Deserialize)]
 struct RawHeader {
     #[serde(default)]
     alg: Option<String>,
     #[serde(default)]
     kid: Option<String>,
-    #[serde(default)]
-    typ: Option<String>,
+    /// Absent, or present with any JSON value (`null` included), to be checked.
+    #[serde(default, deserialize_with = "some_value")]
+    typ: Option<serde_json::Value>,
     #[serde(default, deserialize_with = "present")]
     jku: Option<Present>,
     #[serde(default, deserialize_with = "present")]
@@ -603,12 +804,13 @@ impl<'t> Parts<'t> {
         if header.crit.is_some() || header.b64.is_some() {
             return Err(VerifyError::Algorithm("header has crit or b64"));
         }
-        if let Some(typ) = header.typ.as_deref()
-            && !["JWT", "at+jwt", "application/at+jwt"]
-                .iter()
-                .any(|t| t.eq_ignore_ascii_case(typ))
-        {
-            return Err(VerifyError::Algorithm("typ is not JWT"));
+        if let Some(typ) = &header.typ {
+            let accepted = typ
+                .as_str()
+                .is_some_and(|typ| ACCEPTED_TYP.iter().any(|t| t.eq_ignore_ascii_case(typ)));
+            if !accepted {
+                return Err(VerifyError::Algorithm("typ is not at+jwt or JWT"));
+            }
         }
         // Checked after the header, so that `alg: none` with its empty signature is refused as
         // an algorithm.
@@ -674,6 +876,10 @@ mod tests {
             (Algorithm::EdDSA, "k".to_owned())
         );
         assert_eq!(
+            parse(r#"{"alg":"ES256","kid":"k","typ":"at+jwt"}"#).unwrap(),
+            (Algorithm::ES256, "k".to_owned())
+        );
+        assert_eq!(
             parse(r#"{"alg":"ES256","kid":"k"}"#).unwrap(),
             (Algorithm::ES256, "k".to_owned())
         );
@@ -693,6 +899,9 @@ mod tests {
                 r#"{"alg":"EdDSA","kid":"k","typ":"logout+jwt"}"#,
                 "Algorithm",
             ),
+            (r#"{"alg":"EdDSA","kid":"k","typ":null}"#, "Algorithm"),
+            (r#"{"alg":"EdDSA","kid":"k","typ":"JOSE"}"#, "Algorithm"),
+            (r#"{"alg":"EdDSA","kid":"k","typ":5}"#, "Algorithm"),
             (r#"{"alg":"EdDSA"}"#, "Malformed"),
             (r#"{"alg":"EdDSA","kid":""}"#, "Malformed"),
             (r#"{"kid":"k"}"#, "Malformed"),

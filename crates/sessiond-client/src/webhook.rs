@@ -83,7 +83,11 @@ impl WebhookVerifier {
             return Err(WebhookError::BadHeaders);
         }
         let ts: i64 = timestamp.parse().map_err(|_| WebhookError::BadHeaders)?;
-        if (now_unix_s - ts).abs() > self.tolerance_s {
+        // `abs_diff` cannot overflow, whatever the two values (a timestamp of `i64::MIN` included).
+        // A negative tolerance accepts nothing.
+        let stale = u64::try_from(self.tolerance_s)
+            .map_or(true, |tolerance| now_unix_s.abs_diff(ts) > tolerance);
+        if stale {
             return Err(WebhookError::Stale);
         }
         let mut signed = Vec::with_capacity(id.len() + timestamp.len() + body.len() + 2);
@@ -153,5 +157,47 @@ mod tests {
             Err(WebhookError::BadHeaders)
         );
         assert!(WebhookVerifier::new("nope").is_err());
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_without_overflow() {
+        let bytes = [9u8; 32];
+        let v = WebhookVerifier::new(&format!("whsec_{}", STANDARD.encode(bytes))).unwrap();
+        let body = "{}";
+        for (ts, now) in [
+            (i64::MIN, 1000),
+            (i64::MAX, 1000),
+            (i64::MIN, i64::MAX),
+            (i64::MAX, i64::MIN),
+            (i64::MIN, -1),
+            (1000, i64::MIN),
+            (1000, i64::MAX),
+        ] {
+            let sig = sign(&bytes, "d1", ts, body);
+            assert_eq!(
+                v.verify("d1", &ts.to_string(), &sig, body.as_bytes(), now),
+                Err(WebhookError::Stale),
+                "ts {ts}, now {now}"
+            );
+        }
+        // Both extreme and equal: within the tolerance, so the signature decides.
+        let sig = sign(&bytes, "d1", i64::MIN, body);
+        assert_eq!(
+            v.verify(
+                "d1",
+                "-9223372036854775808",
+                &sig,
+                body.as_bytes(),
+                i64::MIN
+            ),
+            Err(WebhookError::BadBody)
+        );
+        // A negative tolerance accepts nothing.
+        let v = v.with_tolerance(-1);
+        let sig = sign(&bytes, "d1", 1000, body);
+        assert_eq!(
+            v.verify("d1", "1000", &sig, body.as_bytes(), 1000),
+            Err(WebhookError::Stale)
+        );
     }
 }

@@ -15,7 +15,7 @@ use sessiond_client::api::{
 };
 use sessiond_client::{Client, Error, ListOptions, StatusFilter};
 
-use crate::support::{AUDIENCE, ISSUER, claims, ed25519, sign};
+use crate::support::{AUDIENCE, ISSUER, claims, ed25519, redirector, sign};
 
 const API_KEY: &str = "sk_test_very_secret_api_key";
 const TOKEN: &str = "sdt_the-secret-session-token-AAAAAAAAAAAAAAAAAAAAA";
@@ -444,4 +444,52 @@ async fn a_verifier_from_the_client_uses_the_servers_jwks() {
     let claims = verifier.verify_at(&token, now).await.unwrap();
     assert_eq!(claims.sub, "u-42");
     assert_eq!(jwks.fetches(), 1);
+}
+
+#[tokio::test]
+async fn a_redirect_is_an_error_and_the_body_never_reaches_its_target() {
+    let target = recorder().await;
+    for status in [
+        StatusCode::TEMPORARY_REDIRECT,
+        StatusCode::PERMANENT_REDIRECT,
+        StatusCode::FOUND,
+        StatusCode::MOVED_PERMANENTLY,
+        StatusCode::SEE_OTHER,
+    ] {
+        let (base, hits) = redirector(status, &target.base).await;
+        let client = Client::new(&base, API_KEY).unwrap();
+        let err = client.refresh(TOKEN).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Redirected { status: Some(s) } if s == status.as_u16()),
+            "{status}: {err:?}"
+        );
+        assert_eq!(err.status(), Some(status.as_u16()));
+        assert_no_secret(&err.to_string());
+        assert_no_secret(&format!("{err:?}"));
+        let err = client.rotate(TOKEN).await.unwrap_err();
+        assert!(matches!(err, Error::Redirected { .. }), "{err:?}");
+        let err = client.get_session("ses_x").await.unwrap_err();
+        assert!(matches!(err, Error::Redirected { .. }), "{err:?}");
+        let err = client.jwks().await.unwrap_err();
+        assert!(matches!(err, Error::Redirected { .. }), "{err:?}");
+        let verifier = client
+            .access_token_verifier(ISSUER, AUDIENCE)
+            .build()
+            .unwrap();
+        assert!(verifier.refresh_keys().await.is_err());
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 5);
+        assert!(
+            target.seen.lock().is_empty(),
+            "{status} was followed: {:?}",
+            target.seen.lock()
+        );
+    }
+
+    // A client of the application's that follows redirects: the answer from elsewhere is
+    // refused all the same.
+    let (base, _) = redirector(StatusCode::TEMPORARY_REDIRECT, &target.base).await;
+    let client = Client::with_http(&base, API_KEY, reqwest::Client::new()).unwrap();
+    let err = client.get_session("ses_x").await.unwrap_err();
+    assert!(matches!(err, Error::Redirected { status: None }), "{err:?}");
+    assert_eq!(err.status(), None);
 }

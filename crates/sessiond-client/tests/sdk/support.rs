@@ -122,9 +122,37 @@ pub fn random_kid() -> String {
     b64(bytes)
 }
 
+/// A server on 127.0.0.1:0 that answers every request with `status` and `Location: target`
+/// (the same path appended), and counts the requests; answers its base URL.
+pub async fn redirector(status: StatusCode, target: &str) -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let target = target.trim_end_matches('/').to_owned();
+    let app = {
+        let hits = hits.clone();
+        Router::new().fallback(move |uri: axum::http::Uri| {
+            let hits = hits.clone();
+            let location = format!("{target}{}", uri.path());
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                Response::builder()
+                    .status(status)
+                    .header("location", location)
+                    .body(axum::body::Body::empty())
+                    .unwrap()
+            }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), hits)
+}
+
 /// A JWKS server on 127.0.0.1:0.
 pub struct JwksServer {
     pub url: String,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
     fetches: Arc<AtomicUsize>,
     set: Arc<Mutex<Value>>,
     down: Arc<AtomicBool>,
@@ -159,6 +187,7 @@ impl JwksServer {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let server = Self {
             url: format!("http://{addr}/.well-known/jwks.json"),
+            base: format!("http://{addr}"),
             fetches,
             set,
             down,

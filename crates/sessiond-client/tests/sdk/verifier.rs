@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
 use sessiond_client::{AccessTokenVerifier, VerifyError};
@@ -415,21 +416,321 @@ async fn builder_checks_its_arguments() {
             .is_err()
     );
     assert!(
-        AccessTokenVerifier::builder("http://x/jwks", "", AUDIENCE)
+        AccessTokenVerifier::builder("https://x/jwks", "", AUDIENCE)
             .build()
             .is_err()
     );
     assert!(
-        AccessTokenVerifier::builder("http://x/jwks", ISSUER, "")
+        AccessTokenVerifier::builder("https://x/jwks", ISSUER, "")
             .build()
             .is_err()
     );
-    let v = AccessTokenVerifier::builder("http://x/jwks", ISSUER, AUDIENCE)
+    assert!(
+        AccessTokenVerifier::builder("https://x/jwks", ISSUER, AUDIENCE)
+            .tenant("")
+            .build()
+            .is_err()
+    );
+    // A key expiry shorter than the age at which keys are refreshed.
+    assert!(
+        AccessTokenVerifier::builder("https://x/jwks", ISSUER, AUDIENCE)
+            .max_key_age(Duration::from_secs(600))
+            .key_expiry(Duration::from_secs(300))
+            .build()
+            .is_err()
+    );
+    let v = AccessTokenVerifier::builder("https://x/jwks", ISSUER, AUDIENCE)
         .build()
         .unwrap();
     assert_eq!(v.issuer(), ISSUER);
     assert_eq!(v.audience(), AUDIENCE);
-    assert!(format!("{v:?}").contains("http://x/jwks"));
+    assert_eq!(v.tenant(), None);
+    assert!(format!("{v:?}").contains("https://x/jwks"));
+}
+
+#[test]
+fn an_http_jwks_url_must_name_a_loopback_host() {
+    for url in [
+        "http://x/jwks",
+        "http://sessiond.internal:8080/.well-known/jwks.json",
+        "http://10.0.0.1/jwks",
+        "http://[::2]/jwks",
+        "http://[::ffff:127.0.0.1]/jwks",
+        "http://127.0.0.1.example.test/jwks",
+        "http://localhost.example.test/jwks",
+        "http://0.0.0.0/jwks",
+    ] {
+        let err = AccessTokenVerifier::builder(url, ISSUER, AUDIENCE)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("loopback"), "{url}: {err}");
+    }
+    for url in [
+        "https://x/jwks",
+        "https://10.0.0.1/jwks",
+        "http://127.0.0.1:8080/jwks",
+        "http://127.1.2.3/jwks",
+        "http://localhost:8080/jwks",
+        "http://LOCALHOST/jwks",
+        "http://[::1]:8080/jwks",
+    ] {
+        AccessTokenVerifier::builder(url, ISSUER, AUDIENCE)
+            .build()
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn a_redirecting_jwks_endpoint_is_refused() {
+    let ed = ed25519("ed-1");
+    let keys = JwksServer::start(&[&ed]).await;
+    let token = sign(&ed, &claims(NOW));
+    for status in [
+        StatusCode::MOVED_PERMANENTLY,
+        StatusCode::FOUND,
+        StatusCode::TEMPORARY_REDIRECT,
+        StatusCode::PERMANENT_REDIRECT,
+    ] {
+        let (base, hits) = redirector(status, &keys.base).await;
+        let v = AccessTokenVerifier::builder(
+            &format!("{base}/.well-known/jwks.json"),
+            ISSUER,
+            AUDIENCE,
+        )
+        .clock(|| NOW)
+        .build()
+        .unwrap();
+        match refused(&v, &token).await {
+            VerifyError::Jwks(reason) => assert!(reason.contains("redirect"), "{reason}"),
+            other => panic!("{status}: {other:?}"),
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(keys.fetches(), 0, "{status} was followed");
+        assert_eq!(v.cached_key_count(), 0);
+    }
+
+    // A client of the application's that follows redirects: the keys it brings back from
+    // elsewhere are refused all the same.
+    let (base, _) = redirector(StatusCode::FOUND, &keys.base).await;
+    let v =
+        AccessTokenVerifier::builder(&format!("{base}/.well-known/jwks.json"), ISSUER, AUDIENCE)
+            .http_client(reqwest::Client::new())
+            .clock(|| NOW)
+            .build()
+            .unwrap();
+    assert!(matches!(refused(&v, &token).await, VerifyError::Jwks(_)));
+    assert_eq!(keys.fetches(), 1);
+    assert_eq!(v.cached_key_count(), 0);
+}
+
+#[tokio::test]
+async fn cached_keys_stop_verifying_past_the_key_expiry_while_the_jwks_is_unreachable() {
+    let ed = ed25519("ed-1");
+    let server = JwksServer::start(&[&ed]).await;
+    let v = AccessTokenVerifier::builder(&server.url, ISSUER, AUDIENCE)
+        .min_refresh_interval(Duration::from_millis(10))
+        .max_key_age(Duration::from_millis(100))
+        .key_expiry(Duration::from_millis(500))
+        .clock(|| NOW)
+        .build()
+        .unwrap();
+    let token = sign(&ed, &claims(NOW));
+    v.verify(&token).await.unwrap();
+
+    // The endpoint is blocked: the keys age past the expiry and nothing refreshes them.
+    server.set_down(true);
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    assert!(matches!(
+        refused(&v, &token).await,
+        VerifyError::KeysExpired(_)
+    ));
+    assert!(matches!(
+        v.verify_cached(&token),
+        Err(VerifyError::KeysExpired(_))
+    ));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(matches!(
+        refused(&v, &token).await,
+        VerifyError::KeysExpired(_)
+    ));
+    let fetches = server.fetches();
+    assert!(fetches >= 3, "expired keys are fetched again: {fetches}");
+
+    // Back up: the next verify after the minimum interval fetches fresh keys.
+    server.set_down(false);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    v.verify(&token).await.unwrap();
+    v.verify_cached(&token).unwrap();
+}
+
+#[tokio::test]
+async fn a_key_set_without_usable_keys_keeps_the_cache() {
+    let ed = ed25519("ed-1");
+    let server = JwksServer::start(&[&ed]).await;
+    let v = verifier(&server, Duration::from_secs(60));
+    let token = sign(&ed, &claims(NOW));
+    assert_eq!(v.refresh_keys().await.unwrap(), 1);
+
+    server.publish(&[]);
+    assert!(matches!(v.refresh_keys().await, Err(VerifyError::Jwks(_))));
+    assert_eq!(v.cached_key_count(), 1);
+    v.verify_cached(&token).unwrap();
+
+    server.publish_raw(json!({"keys": [
+        {"kty": "RSA", "n": "sXch", "e": "AQAB", "kid": "rsa-1", "alg": "RS256", "use": "sig"}
+    ]}));
+    assert!(matches!(v.refresh_keys().await, Err(VerifyError::Jwks(_))));
+    assert_eq!(v.cached_key_count(), 1);
+    v.verify(&token).await.unwrap();
+
+    // A cold cache and an empty set: refused as a fetch failure.
+    let cold = verifier(&server, Duration::from_secs(60));
+    assert!(matches!(refused(&cold, &token).await, VerifyError::Jwks(_)));
+}
+
+/// `claims` signed by `key` under a header given as JSON.
+fn sign_raw(key: &TestKey, header: &Value, claims: &Value) -> String {
+    let message = format!("{}.{}", b64(header.to_string()), b64(claims.to_string()));
+    let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key.encoding, key.alg).unwrap();
+    format!("{message}.{signature}")
+}
+
+#[tokio::test]
+async fn typ_is_at_jwt_or_jwt() {
+    let (ed, ec) = (ed25519("ed-1"), p256("ec-1"));
+    let server = JwksServer::start(&[&ed, &ec]).await;
+    let v = verifier(&server, Duration::from_secs(60));
+    for key in [&ed, &ec] {
+        let alg = if key.alg == Algorithm::EdDSA {
+            "EdDSA"
+        } else {
+            "ES256"
+        };
+        let with_typ = |typ: Value| json!({"alg": alg, "kid": key.kid, "typ": typ});
+        for typ in ["at+jwt", "application/at+jwt", "AT+JWT", "JWT"] {
+            let token = sign_raw(key, &with_typ(json!(typ)), &claims(NOW));
+            v.verify(&token)
+                .await
+                .unwrap_or_else(|e| panic!("{typ}: {e}"));
+        }
+        // Absent, as before explicit typing.
+        let token = sign_raw(key, &json!({"alg": alg, "kid": key.kid}), &claims(NOW));
+        v.verify(&token).await.unwrap();
+        for typ in [
+            json!("logout+jwt"),
+            json!("secevent+jwt"),
+            json!("JOSE"),
+            json!("at+jwt "),
+            json!(""),
+            json!(null),
+            json!(1),
+            json!(["at+jwt"]),
+        ] {
+            let token = sign_raw(key, &with_typ(typ.clone()), &claims(NOW));
+            assert!(
+                matches!(refused(&v, &token).await, VerifyError::Algorithm(_)),
+                "{typ}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_verifier_for_one_tenant_refuses_another_tenants_tokens() {
+    // Two tenants sharing the signing key, the issuer and the audience.
+    let ed = ed25519("ed-1");
+    let server = JwksServer::start(&[&ed]).await;
+    let for_a = AccessTokenVerifier::builder(&server.url, ISSUER, AUDIENCE)
+        .tenant("tenant-a")
+        .clock(|| NOW)
+        .build()
+        .unwrap();
+    assert_eq!(for_a.tenant(), Some("tenant-a"));
+    let any = verifier(&server, Duration::from_secs(60));
+    let mut a = claims(NOW);
+    a["tenant"] = json!("tenant-a");
+    let mut b = claims(NOW);
+    b["tenant"] = json!("tenant-b");
+    let (a, b) = (sign(&ed, &a), sign(&ed, &b));
+
+    assert_eq!(for_a.verify(&a).await.unwrap().tenant, "tenant-a");
+    assert_eq!(refused(&for_a, &b).await, VerifyError::Tenant);
+    assert_eq!(for_a.verify_cached(&b), Err(VerifyError::Tenant));
+    // Case matters: tenant ids are case-sensitive.
+    let mut upper = claims(NOW);
+    upper["tenant"] = json!("TENANT-A");
+    assert_eq!(
+        refused(&for_a, &sign(&ed, &upper)).await,
+        VerifyError::Tenant
+    );
+    // Without a tenant set, both verify.
+    any.verify(&a).await.unwrap();
+    any.verify(&b).await.unwrap();
+}
+
+#[tokio::test]
+async fn lifetime_and_issued_at_are_bounded() {
+    let ed = ed25519("ed-1");
+    let server = JwksServer::start(&[&ed]).await;
+    let v = AccessTokenVerifier::builder(&server.url, ISSUER, AUDIENCE)
+        .leeway(Duration::from_secs(5))
+        .clock(|| NOW)
+        .build()
+        .unwrap();
+    let with = |iat: i64, exp: i64| {
+        let mut c = claims(NOW);
+        c["iat"] = json!(iat);
+        c["exp"] = json!(exp);
+        sign(&ed, &c)
+    };
+    // The longest lifetime the server issues, and one second more.
+    v.verify(&with(NOW, NOW + 3600)).await.unwrap();
+    assert_eq!(
+        refused(&v, &with(NOW, NOW + 3601)).await,
+        VerifyError::Lifetime
+    );
+    // A forged token valid for ten years.
+    let decade = 10 * 365 * 86_400;
+    assert_eq!(
+        refused(&v, &with(NOW, NOW + decade)).await,
+        VerifyError::Lifetime
+    );
+    assert_eq!(
+        refused(&v, &with(NOW - decade, NOW + 60)).await,
+        VerifyError::Lifetime
+    );
+    assert_eq!(
+        refused(&v, &with(i64::MIN, NOW + 60)).await,
+        VerifyError::Lifetime
+    );
+    // Expiring before it was issued.
+    assert_eq!(
+        refused(&v, &with(NOW + 5, NOW + 4)).await,
+        VerifyError::Lifetime
+    );
+
+    // Issued in the future: within the leeway, then beyond it.
+    v.verify(&with(NOW + 5, NOW + 300)).await.unwrap();
+    assert_eq!(
+        refused(&v, &with(NOW + 6, NOW + 300)).await,
+        VerifyError::IssuedInFuture
+    );
+    assert_eq!(
+        refused(&v, &with(i64::MAX, i64::MAX)).await,
+        VerifyError::IssuedInFuture
+    );
+
+    // A shorter maximum.
+    let strict = AccessTokenVerifier::builder(&server.url, ISSUER, AUDIENCE)
+        .max_token_lifetime(Duration::from_secs(60))
+        .clock(|| NOW)
+        .build()
+        .unwrap();
+    strict.verify(&with(NOW, NOW + 60)).await.unwrap();
+    assert_eq!(
+        refused(&strict, &with(NOW, NOW + 61)).await,
+        VerifyError::Lifetime
+    );
 }
 
 #[tokio::test]

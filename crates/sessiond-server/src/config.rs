@@ -462,9 +462,75 @@ pub struct Overrides {
 /// Environment variables read by the command line itself rather than as configuration keys.
 const CLI_ENV: &[&str] = &["config", "log"];
 
-/// The `SESSIOND_*` environment layer.
+/// The `SESSIOND_*` environment layer, less Kubernetes' service-link variables.
 fn env_layer() -> Env {
-    Env::prefixed("SESSIOND_").ignore(CLI_ENV).split("__")
+    Env::prefixed("SESSIOND_")
+        .ignore(CLI_ENV)
+        .filter(|key| {
+            let name = format!("SESSIOND_{}", key.as_str().to_ascii_uppercase());
+            match std::env::var(&name) {
+                Ok(value) if is_service_link(key.as_str(), &value) => {
+                    // Logging is not set up yet while the configuration loads.
+                    eprintln!("sessiond: ignoring {name}, a Kubernetes service-link variable");
+                    false
+                }
+                _ => true,
+            }
+        })
+        .split("__")
+}
+
+/// Whether `key` (a variable's name after `SESSIOND_`, any case) and its value are one of the
+/// variables Kubernetes injects for a Service whose name starts with `sessiond` (with service
+/// links on, the default): `SESSIOND_SERVICE_HOST=10.0.0.1`, `SESSIOND_SERVICE_PORT=8080`,
+/// `SESSIOND_SERVICE_PORT_HTTP=8080`, `SESSIOND_PORT=tcp://10.0.0.1:8080`,
+/// `SESSIOND_PORT_8080_TCP=tcp://10.0.0.1:8080`, `SESSIOND_PORT_8080_TCP_PROTO=tcp`,
+/// `SESSIOND_PORT_8080_TCP_PORT=8080`, `SESSIOND_PORT_8080_TCP_ADDR=10.0.0.1`, and the same
+/// behind a longer service name (`SESSIOND_API_SERVICE_HOST`, ...). Both the name and the value
+/// must have that shape, so a real setting, or a typo of one, is still read and checked.
+fn is_service_link(key: &str, value: &str) -> bool {
+    let key = key.to_ascii_uppercase();
+    let is_port = |v: &str| !v.is_empty() && v.len() <= 5 && v.bytes().all(|b| b.is_ascii_digit());
+    let is_ip = |v: &str| v.parse::<std::net::IpAddr>().is_ok();
+    let is_proto = |v: &str| matches!(v, "tcp" | "udp" | "sctp" | "TCP" | "UDP" | "SCTP");
+    let is_url = |v: &str| {
+        ["tcp://", "udp://", "sctp://"].iter().any(|scheme| {
+            v.strip_prefix(scheme)
+                .is_some_and(|rest| rest.parse::<std::net::SocketAddr>().is_ok())
+        })
+    };
+    // The service name's own words come first, each followed by '_'.
+    let mut starts = vec![0];
+    starts.extend(key.match_indices('_').map(|(i, _)| i + 1));
+    starts.into_iter().any(|at| {
+        let rest = &key[at..];
+        if rest == "SERVICE_HOST" {
+            return is_ip(value);
+        }
+        if rest == "SERVICE_PORT" || rest.starts_with("SERVICE_PORT_") {
+            return is_port(value);
+        }
+        if rest == "PORT" {
+            return is_url(value);
+        }
+        let Some(tail) = rest.strip_prefix("PORT_") else {
+            return false;
+        };
+        let mut parts = tail.split('_');
+        let (Some(port), Some(proto)) = (parts.next(), parts.next()) else {
+            return false;
+        };
+        if !is_port(port) || !is_proto(proto) {
+            return false;
+        }
+        match (parts.next(), parts.next()) {
+            (None, _) => is_url(value),
+            (Some("PROTO"), None) => is_proto(value),
+            (Some("PORT"), None) => is_port(value),
+            (Some("ADDR"), None) => is_ip(value),
+            _ => false,
+        }
+    })
 }
 
 impl Config {
@@ -717,6 +783,42 @@ mod tests {
             seen.push(name);
         }
         assert_eq!(seen.len(), 3, "{seen:?}");
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_recognised_by_name_and_value() {
+        for (key, value) in [
+            ("SERVICE_HOST", "10.0.0.1"),
+            ("SERVICE_PORT", "8080"),
+            ("SERVICE_PORT_HTTP", "8080"),
+            ("PORT", "tcp://10.0.0.1:8080"),
+            ("PORT_8080_TCP", "tcp://10.0.0.1:8080"),
+            ("PORT_8080_TCP_PROTO", "tcp"),
+            ("PORT_8080_TCP_PORT", "8080"),
+            ("PORT_8080_TCP_ADDR", "10.0.0.1"),
+            ("port_8080_tcp_addr", "fd00::1"),
+            ("API_SERVICE_HOST", "10.0.0.2"),
+            ("API_PORT", "tcp://[fd00::2]:80"),
+            ("METRICS_PORT_9090_UDP_PORT", "9090"),
+        ] {
+            assert!(is_service_link(key, value), "{key}={value}");
+        }
+        for (key, value) in [
+            // Real settings, and plausible mistakes, stay settings (and are checked as such).
+            ("API_KEY", "sk_0123456789abcdefghijklmnop"),
+            ("LISTEN", "0.0.0.0:8080"),
+            ("STORE", "redis://10.0.0.1:6379"),
+            ("PORT", "8080"),
+            ("SERVICE_HOST", "sessiond.default.svc"),
+            ("SERVICE_PORT", "http"),
+            ("PORT_8080_TCP", "10.0.0.1:8080"),
+            ("PORT_8080_TCP_ADDR", "example"),
+            ("PORT_8080_HTTP_PORT", "8080"),
+            ("PORT_8080_TCP_HOST", "10.0.0.1"),
+            ("MAX_CONNECTIONS", "8080"),
+        ] {
+            assert!(!is_service_link(key, value), "{key}={value}");
+        }
     }
 
     #[test]

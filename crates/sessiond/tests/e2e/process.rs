@@ -198,6 +198,50 @@ fn serve_refuses_bad_configuration_naming_the_key() {
     assert!(err.contains("does not exist"), "{err}");
 }
 
+/// A Kubernetes Service named `sessiond` (or `sessiond-...`) injects these into every pod of
+/// its namespace; they are not settings, and a node must start with them. A real setting's typo
+/// beside them still stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_service_link_variables_do_not_stop_a_node() {
+    let key = new_key();
+    let links = [
+        ("SESSIOND_PORT", "tcp://10.0.0.1:8080"),
+        ("SESSIOND_PORT_8080_TCP", "tcp://10.0.0.1:8080"),
+        ("SESSIOND_PORT_8080_TCP_PROTO", "tcp"),
+        ("SESSIOND_PORT_8080_TCP_PORT", "8080"),
+        ("SESSIOND_PORT_8080_TCP_ADDR", "10.0.0.1"),
+        ("SESSIOND_SERVICE_HOST", "10.0.0.1"),
+        ("SESSIOND_SERVICE_PORT", "8080"),
+        ("SESSIOND_SERVICE_PORT_HTTP", "8080"),
+        ("SESSIOND_METRICS_SERVICE_HOST", "10.0.0.2"),
+        ("SESSIOND_METRICS_PORT", "tcp://10.0.0.2:9090"),
+    ];
+    let s = Server::start_with(&links);
+    s.login("k8s-user").await;
+    drop(s);
+
+    let mut typo = links.to_vec();
+    typo.push(("SESSIOND_API_KEY", key.as_str()));
+    typo.push(("SESSIOND_MAX_CONECTIONS", "10"));
+    let (ok, err) = run_serve(&typo, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("max_conections"),
+        "the bad key is named: {err}"
+    );
+
+    // `SESSIOND_PORT` without the shape Kubernetes gives it is a setting, and not a known one.
+    let (ok, err) = run_serve(
+        &[
+            ("SESSIOND_API_KEY", key.as_str()),
+            ("SESSIOND_PORT", "8080"),
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("port"), "{err}");
+}
+
 #[test]
 fn generate_key_prints_a_fresh_strong_key() {
     let out = Command::new(BIN).arg("generate-key").output().unwrap();

@@ -258,6 +258,23 @@ struct WebhooksArgs {
     /// Pairs of runs (without, then with).
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Then measure the lease handover this many times: two sessiond processes on the shared
+    /// store of --postgres or --redis, the holder killed with SIGKILL each time.
+    #[arg(long, default_value_t = 0)]
+    handovers: usize,
+    /// The dispatchers' poll interval in the handover runs (the lease lasts three polls, at
+    /// least one second).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    handover_poll_ms: u64,
+    /// The sessiond binary of the handover runs [default: `sessiond` beside this program].
+    #[arg(long, value_name = "PATH")]
+    bin: Option<std::path::PathBuf>,
+    /// The handover runs on PostgreSQL at this URL (a schema of its own, dropped afterwards).
+    #[arg(long, value_name = "URL", conflicts_with = "redis")]
+    postgres: Option<String>,
+    /// The handover runs on Redis at this URL (a key prefix of its own, deleted afterwards).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
 }
 
 /// Flags of `all`.
@@ -477,6 +494,23 @@ fn main() -> anyhow::Result<()> {
             let report = webhooks::run(&http_settings(&a.http)?, a.rounds)?;
             report.print();
             anyhow::ensure!(report.failures() == 0, "some creates failed");
+            if a.handovers > 0 {
+                let store = one_store(a.postgres, a.redis);
+                let times = webhooks::handover(
+                    &sessiond_bin(a.bin)?,
+                    &store,
+                    a.handover_poll_ms,
+                    a.handovers,
+                )?;
+                let ms: Vec<String> = times.iter().map(|t| t.as_millis().to_string()).collect();
+                println!(
+                    "\nlease handover on {} ({} ms polls), SIGKILL of the holder to the first \
+                     delivery by the other node: {} ms",
+                    store.name(),
+                    a.handover_poll_ms,
+                    ms.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Stores(a) => {

@@ -3,7 +3,9 @@
 //! alternating so that the machine's drift touches both sides alike. With an endpoint, every
 //! event is also written to the outbox in the create's transaction, and the dispatcher fans it
 //! out and delivers it in the background; the run also reports how long delivery of all of them
-//! took after the last create.
+//! took after the last create, and the time from each event to its first delivery attempt
+//! (p50, p99). With `--handovers`, it then measures how long delivery stops when the node that
+//! holds the dispatcher's lease is killed with SIGKILL (two processes on a shared store).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +30,8 @@ pub struct Run {
     pub create: LoadReport,
     /// With webhooks: time from the last create's answer until every event was delivered.
     pub drain: Option<Duration>,
+    /// With webhooks: time from each event to its first delivery attempt (ms), p50 and p99.
+    pub first_attempt_ms: Option<(i64, i64)>,
 }
 
 /// The outcome.
@@ -41,16 +45,52 @@ pub struct Report {
     pub runs: Vec<Run>,
 }
 
-/// Starts a receiver that answers 204 to every POST and counts them.
-async fn receiver() -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
+/// What the receiver got: how many requests, and for each, the time from its event to its
+/// arrival (ms), with the event's id.
+#[derive(Debug, Default)]
+struct Received {
+    count: AtomicUsize,
+    arrivals: std::sync::Mutex<Vec<(String, i64)>>,
+}
+
+impl Received {
+    /// The arrivals from `from` on.
+    fn since(&self, from: usize) -> Vec<(String, i64)> {
+        self.lock().get(from..).unwrap_or_default().to_vec()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, i64)>> {
+        self.arrivals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn now_ms() -> i64 {
+    use sessiond_core::time::Clock as _;
+    sessiond_core::time::SystemClock.now().as_millis()
+}
+
+#[derive(serde::Deserialize)]
+struct Payload {
+    data: sessiond_api::Event,
+}
+
+/// Starts a receiver that answers 204 to every POST, counts them, and notes how long after its
+/// event each arrived (every answer is 2xx, so each arrival is a first attempt).
+async fn receiver() -> anyhow::Result<(SocketAddr, Arc<Received>)> {
+    let got = Arc::new(Received::default());
+    let g = got.clone();
     let app = Router::new().route(
         "/hook",
-        post(move || {
-            let c = c.clone();
+        post(move |body: axum::body::Bytes| {
+            let g = g.clone();
             async move {
-                c.fetch_add(1, Ordering::Relaxed);
+                if let Ok(p) = serde_json::from_slice::<Payload>(&body) {
+                    let late = now_ms() - p.data.time.timestamp_millis();
+                    g.lock().push((p.data.id, late));
+                }
+                g.count.fetch_add(1, Ordering::Relaxed);
                 axum::http::StatusCode::NO_CONTENT
             }
         }),
@@ -58,7 +98,22 @@ async fn receiver() -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((addr, count))
+    Ok((addr, got))
+}
+
+/// The `q` quantile of `ms` (sorted in place), in ms.
+fn quantile(ms: &mut [i64], q: f64) -> i64 {
+    if ms.is_empty() {
+        return 0;
+    }
+    ms.sort_unstable();
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((ms.len() as f64 - 1.0) * q).round() as usize;
+    ms[i.min(ms.len() - 1)]
 }
 
 /// Runs `rounds` pairs of create runs (without, then with a webhook endpoint).
@@ -75,7 +130,8 @@ pub fn run(settings: &Settings, rounds: usize) -> anyhow::Result<Report> {
     let mut runs = Vec::new();
     for _ in 0..rounds {
         for webhooks in [false, true] {
-            let before = delivered.load(Ordering::Relaxed);
+            let before = delivered.count.load(Ordering::Relaxed);
+            let arrivals_before = delivered.lock().len();
             let servers = Servers::start_with(settings.server_threads, &Store::Embedded, |c| {
                 if webhooks {
                     c.webhooks.poll_interval_ms = 50;
@@ -102,7 +158,7 @@ pub fn run(settings: &Settings, rounds: usize) -> anyhow::Result<Report> {
                 let drain = if webhooks {
                     let done = Instant::now();
                     let deadline = done + Duration::from_secs(300);
-                    while delivered.load(Ordering::Relaxed) - before < settings.sessions {
+                    while delivered.count.load(Ordering::Relaxed) - before < settings.sessions {
                         anyhow::ensure!(Instant::now() < deadline, "deliveries did not finish");
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
@@ -110,10 +166,19 @@ pub fn run(settings: &Settings, rounds: usize) -> anyhow::Result<Report> {
                 } else {
                     None
                 };
+                let first_attempt_ms = webhooks.then(|| {
+                    let mut ms: Vec<i64> = delivered
+                        .since(arrivals_before)
+                        .into_iter()
+                        .map(|(_, ms)| ms)
+                        .collect();
+                    (quantile(&mut ms, 0.5), quantile(&mut ms, 0.99))
+                });
                 anyhow::Ok(Run {
                     webhooks,
                     create,
                     drain,
+                    first_attempt_ms,
                 })
             });
             servers.stop()?;
@@ -156,6 +221,10 @@ impl Report {
                     d.as_secs_f64()
                 )
             });
+            let first = r.first_attempt_ms.map_or(String::new(), |(p50, p99)| {
+                format!("; event to first attempt p50 {p50} ms, p99 {p99} ms")
+            });
+            let drain = format!("{drain}{first}");
             println!(
                 "  {:<13} {}{drain}",
                 if r.webhooks {
@@ -203,4 +272,122 @@ impl Report {
             .map(|r| r.create.non_200 + r.create.errors)
             .sum()
     }
+}
+
+/// Lease handover: two `sessiond` processes on one shared store, the holder of the dispatcher's
+/// lease killed with SIGKILL `kills` times (restarted each time, so the two take turns); each
+/// time, a session is created on the survivor at once and the time until its event reaches the
+/// receiver is measured: the rest of the dead holder's lease, then the survivor's next poll.
+pub fn handover(
+    bin: &std::path::Path,
+    store: &Store,
+    poll_ms: u64,
+    kills: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    anyhow::ensure!(
+        !matches!(store, Store::Embedded),
+        "the handover needs a shared store (--postgres or --redis)"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let mut config = sessiond_server::config::Config::default();
+    let cleanup = crate::cleanup::Cleanup::configure(&mut config, store)?;
+    let mut env = crate::crash::store_env(&config);
+    env.push((
+        "SESSIOND_WEBHOOKS__POLL_INTERVAL_MS".into(),
+        poll_ms.to_string(),
+    ));
+    env.push(("SESSIOND_PROTECTION__ENABLED".into(), "false".into()));
+    let result = runtime.block_on(handovers(bin, &env, kills));
+    let cleaned = runtime.block_on(cleanup.run());
+    let out = result?;
+    cleaned?;
+    Ok(out)
+}
+
+async fn handovers(
+    bin: &std::path::Path,
+    env: &[(String, String)],
+    kills: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    use crate::crash::{Api, start};
+    let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let (key, _) = sessiond_core::token::TokenFormat::new("sk_")?.generate()?;
+    let key = key.expose().to_owned();
+    let (hook, got) = receiver().await?;
+    let http = reqwest::Client::new();
+    let node = |i: usize| -> anyhow::Result<crate::crash::Proc> {
+        start(
+            bin,
+            &tmp.path().join(format!("data{i}")),
+            &key,
+            env,
+            &tmp.path().join(format!("sessiond{i}.log")),
+        )
+    };
+    let api = |p: &crate::crash::Proc| Api {
+        http: http.clone(),
+        base: p.base.clone(),
+        key: key.clone(),
+    };
+    // Waits until the event of a session created now on `p` arrives; answers how long it took.
+    let deliver_one = |p: &crate::crash::Proc, user: String| {
+        let api = api(p);
+        let got = got.clone();
+        async move {
+            let from = got.count.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            let made = api
+                .post("/v1/sessions", serde_json::json!({ "user_id": user }))
+                .await;
+            anyhow::ensure!(made.is_some_and(|(s, _)| s.is_success()), "a create failed");
+            while got.count.load(Ordering::Relaxed) <= from {
+                anyhow::ensure!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "no delivery within 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            anyhow::Ok(t0.elapsed())
+        }
+    };
+    // The first node takes the lease alone; the second starts once it delivers.
+    let mut holder = node(0)?;
+    let put = api(&holder)
+        .call(
+            reqwest::Method::PUT,
+            "/v1/webhooks/bench",
+            Some(serde_json::json!({
+                "url": format!("http://{hook}/hook"),
+                "events": ["session.created"],
+                "secret": format!("whsec_{}", "A".repeat(44)),
+            })),
+        )
+        .await;
+    anyhow::ensure!(
+        put.is_some_and(|(s, _)| s.is_success()),
+        "cannot make the webhook endpoint"
+    );
+    deliver_one(&holder, "handover-0".into()).await?;
+    let mut standby = node(1)?;
+    // The standby sees the endpoint at its next poll.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut out = Vec::new();
+    for i in 0..kills {
+        holder.child.kill().ok();
+        holder.child.wait().ok();
+        out.push(deliver_one(&standby, format!("handover-{}", i + 1)).await?);
+        // The killed node comes back as the standby.
+        holder = standby;
+        standby = node(i % 2)?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for mut p in [holder, standby] {
+        p.child.kill().ok();
+        p.child.wait().ok();
+    }
+    Ok(out)
 }

@@ -287,6 +287,11 @@ impl SessionService {
         self.deliver.store(on, AtomicOrdering::Relaxed);
     }
 
+    /// Whether new events go to the webhook outbox.
+    pub fn delivers(&self) -> bool {
+        self.deliver.load(AtomicOrdering::Relaxed)
+    }
+
     /// Applies a policy's action to a detector's finding about a session in use.
     async fn finding(
         &self,

@@ -39,6 +39,10 @@ fn with_token(i: Issued) -> SessionWithToken {
 }
 
 /// `POST /v1/sessions`
+///
+/// Creates a session for a user the application has just authenticated; answers the secret token
+/// once, with a ready `Set-Cookie` value. At the policy's session limit, `evict_oldest` revokes the
+/// least recently used session and `deny` answers `409`.
 #[utoipa::path(
     post,
     path = "/v1/sessions",
@@ -67,6 +71,9 @@ pub async fn create(
 }
 
 /// `POST /v1/sessions/verify`
+///
+/// Checks a session token (or, in token mode, an access token) on a request of the application: a
+/// valid session's idle expiry slides. `require` asks for a recent or stronger authentication.
 #[utoipa::path(
     post,
     path = "/v1/sessions/verify",
@@ -120,6 +127,9 @@ pub async fn verify(
 }
 
 /// `POST /v1/tokens/refresh`
+///
+/// Token mode: exchanges a refresh token for a new access token and a new refresh token; the old
+/// refresh token stops working, and its reuse revokes the session.
 #[utoipa::path(
     post,
     path = "/v1/tokens/refresh",
@@ -152,6 +162,8 @@ pub async fn refresh(
 }
 
 /// `GET /metrics`
+///
+/// The server's metrics for Prometheus, in the OpenMetrics text format.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -180,6 +192,8 @@ pub async fn metrics(
 }
 
 /// `GET /.well-known/jwks.json` (public)
+///
+/// Token mode: the public keys (JWK Set) that verify access tokens offline.
 #[utoipa::path(
     get,
     path = "/.well-known/jwks.json",
@@ -200,6 +214,9 @@ pub async fn jwks(
 }
 
 /// `POST /v1/sessions/rotate`
+///
+/// Issues a new token for the same session (after a privilege change); the old token stops working
+/// at once.
 #[utoipa::path(
     post,
     path = "/v1/sessions/rotate",
@@ -228,6 +245,8 @@ pub async fn rotate(
 }
 
 /// `POST /v1/sessions/reauthenticate`
+///
+/// Records a fresh authentication (step-up) of the session's user and rotates its token.
 #[utoipa::path(
     post,
     path = "/v1/sessions/reauthenticate",
@@ -258,6 +277,9 @@ pub async fn reauthenticate(
 }
 
 /// `POST /v1/sessions/logout`
+///
+/// Revokes the session of a token (reason `logout`) and answers a `Set-Cookie` value that deletes
+/// the cookie. Idempotent.
 #[utoipa::path(
     post,
     path = "/v1/sessions/logout",
@@ -288,6 +310,8 @@ pub async fn logout(
 }
 
 /// `GET /v1/sessions/{handle}`
+///
+/// The session object of a handle, whatever its status.
 #[utoipa::path(
     get,
     path = "/v1/sessions/{handle}",
@@ -313,6 +337,8 @@ pub async fn get_session(
 }
 
 /// `PATCH /v1/sessions/{handle}`
+///
+/// Merges keys into an active session's data (a key set to `null` is removed).
 #[utoipa::path(
     patch,
     path = "/v1/sessions/{handle}",
@@ -355,6 +381,8 @@ pub struct RevokeParams {
 }
 
 /// `DELETE /v1/sessions/{handle}`
+///
+/// Revokes a session (reason `revoked`, or the one given). Idempotent.
 #[utoipa::path(
     delete,
     path = "/v1/sessions/{handle}",
@@ -416,6 +444,8 @@ pub struct ListParams {
 }
 
 /// `GET /v1/users/{user_id}/sessions`
+///
+/// A user's sessions, most recently seen first: the active ones, or all.
 #[utoipa::path(
     get,
     path = "/v1/users/{user_id}/sessions",
@@ -467,6 +497,8 @@ pub struct ForceLogoutParams {
 }
 
 /// `DELETE /v1/users/{user_id}/sessions`
+///
+/// Force logout: revokes every active session of the user, except the one named by `except`.
 #[utoipa::path(
     delete,
     path = "/v1/users/{user_id}/sessions",
@@ -500,6 +532,8 @@ pub async fn force_logout(
 }
 
 /// `POST /v1/users/{user_id}/sessions/revoke`
+///
+/// Revokes the user's active sessions that match a filter.
 #[utoipa::path(
     post,
     path = "/v1/users/{user_id}/sessions/revoke",
@@ -533,6 +567,8 @@ pub async fn revoke_sessions(
 }
 
 /// `GET /v1/tenants/{tenant}/policy`
+///
+/// A tenant's session policy (the default policy until one is stored), exactly as `PUT` accepts it.
 #[utoipa::path(
     get,
     path = "/v1/tenants/{tenant}/policy",
@@ -556,6 +592,9 @@ pub async fn get_policy(
 }
 
 /// `PUT /v1/tenants/{tenant}/policy`
+///
+/// Replaces a tenant's session policy: new sessions follow it at once, existing ones at their next
+/// verify.
 #[utoipa::path(
     put,
     path = "/v1/tenants/{tenant}/policy",
@@ -592,6 +631,9 @@ pub async fn put_policy(
 const PROBLEM_401: &str = "`unauthorized`: the API key is missing or wrong.";
 
 /// `GET /v1/events`
+///
+/// The audit log, newest first: every session and policy change and every failed API key, filtered
+/// by user, session, type and time.
 #[utoipa::path(
     get,
     path = "/v1/events",
@@ -635,6 +677,8 @@ pub struct UserEventParams {
 }
 
 /// `GET /v1/users/{user_id}/events`
+///
+/// One user's part of the audit log, newest first.
 #[utoipa::path(
     get,
     path = "/v1/users/{user_id}/events",
@@ -667,6 +711,8 @@ pub async fn list_user_events(
 }
 
 /// `GET /v1/webhooks`
+///
+/// Every webhook endpoint, from the configuration and from the API.
 #[utoipa::path(
     get,
     path = "/v1/webhooks",
@@ -683,6 +729,8 @@ pub async fn list_webhooks(_: Admin, State(s): State<AppState>) -> ApiResult<Web
 }
 
 /// `GET /v1/webhooks/{name}`
+///
+/// One webhook endpoint (its secret is never returned).
 #[utoipa::path(
     get,
     path = "/v1/webhooks/{name}",
@@ -705,6 +753,9 @@ pub async fn get_webhook(
 }
 
 /// `PUT /v1/webhooks/{name}`
+///
+/// Creates or replaces a webhook endpoint: the event types it receives, where, and the secret that
+/// signs them.
 #[utoipa::path(
     put,
     path = "/v1/webhooks/{name}",
@@ -732,6 +783,8 @@ pub async fn put_webhook(
 }
 
 /// `DELETE /v1/webhooks/{name}`
+///
+/// Deletes a webhook endpoint made through the API; its pending deliveries are dead-lettered.
 #[utoipa::path(
     delete,
     path = "/v1/webhooks/{name}",
@@ -770,6 +823,8 @@ pub struct DeliveryParams {
 }
 
 /// `GET /v1/webhooks/{name}/deliveries`
+///
+/// A page of a webhook endpoint's deliveries, newest first: pending, delivered or dead.
 #[utoipa::path(
     get,
     path = "/v1/webhooks/{name}/deliveries",
@@ -819,6 +874,8 @@ pub enum HealthStatus {
 }
 
 /// `GET /healthz` (public)
+///
+/// Liveness: answers once the process serves.
 #[utoipa::path(
     get,
     path = "/healthz",
@@ -833,6 +890,8 @@ pub async fn healthz() -> Json<Health> {
 }
 
 /// `GET /readyz` (public)
+///
+/// Readiness: answers `200` while the store answers, `503` otherwise.
 #[utoipa::path(
     get,
     path = "/readyz",

@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use sessiond_api::Problem;
 use sessiond_core::CoreError;
 use sha2::{Digest, Sha256};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::server::ServerBuilder;
 use utoipa::{Modify, OpenApi};
 
 use crate::error::ApiError;
@@ -34,6 +35,7 @@ const CACHE_CONTROL: &str = "public, max-age=3600";
             response bodies are `application/json`; errors are RFC 9457 \
             `application/problem+json` with a stable `code`. Request bodies reject unknown \
             fields. Every `/v1` operation requires `Authorization: Bearer <api key>`.",
+        contact(name = "sessiond", url = "https://github.com/sessiond/sessiond"),
     ),
     paths(
         handlers::create,
@@ -77,11 +79,43 @@ const CACHE_CONTROL: &str = "public, max-age=3600";
 )]
 pub struct ApiDoc;
 
-/// Adds the API-key security scheme, as the server checks it.
+/// Adds the API-key security scheme, as the server checks it: required by default (top-level
+/// `security`), and `security: []` on the public operations (every operation whose annotation
+/// names no requirement: health, readiness, this document, the JWKS), so that tools can tell
+/// "public" from "forgotten". Adds the server (relative: wherever the document was fetched).
 struct ApiKeyScheme;
 
 impl Modify for ApiKeyScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+                &mut item.trace,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.security.get_or_insert_with(Vec::new);
+            }
+        }
+        openapi.security = Some(vec![SecurityRequirement::new(
+            API_KEY_SCHEME,
+            Vec::<String>::new(),
+        )]);
+        openapi.servers = Some(vec![
+            ServerBuilder::new()
+                .url("/")
+                .description(Some(
+                    "The server this document was fetched from (`GET /openapi.json`).",
+                ))
+                .build(),
+        ]);
         let scheme = HttpBuilder::new()
             .scheme(HttpAuthScheme::Bearer)
             .description(Some(
@@ -124,6 +158,11 @@ fn served() -> Option<&'static Served> {
     .as_ref()
 }
 
+/// The document, pretty-printed (`sessiond openapi`).
+pub fn json() -> Result<String, serde_json::Error> {
+    ApiDoc::openapi().to_pretty_json()
+}
+
 /// Whether an `If-None-Match` header matches `etag` (weak comparison, `*` matches).
 fn not_modified(headers: &HeaderMap, etag: &HeaderValue) -> bool {
     let Ok(etag) = etag.to_str() else {
@@ -139,6 +178,8 @@ fn not_modified(headers: &HeaderMap, etag: &HeaderValue) -> bool {
 }
 
 /// `GET /openapi.json` (public)
+///
+/// This OpenAPI document, cacheable, with an `ETag`.
 #[utoipa::path(
     get,
     path = "/openapi.json",

@@ -205,6 +205,8 @@ pub struct Webhooks {
     store: Arc<dyn SessionStore>,
     configured: BTreeMap<String, Endpoint>,
     loaded: RwLock<Arc<BTreeMap<String, (Endpoint, &'static str)>>>,
+    /// The version of the `webhooks` document `loaded` comes from (0: none stored).
+    applied: parking_lot::Mutex<u64>,
     http: reqwest::Client,
     opts: WebhookOptions,
     metrics: Arc<Metrics>,
@@ -259,6 +261,7 @@ impl Webhooks {
             store,
             configured,
             loaded: RwLock::new(Arc::new(loaded)),
+            applied: parking_lot::Mutex::new(0),
             http,
             opts,
             metrics,
@@ -280,7 +283,24 @@ impl Webhooks {
 
     /// Reloads the endpoints from the store.
     pub async fn reload(&self) -> Result<(), StoreError> {
-        let (_, doc) = self.read_doc().await?;
+        let (version, doc) = self.read_doc().await?;
+        self.apply(version, doc);
+        Ok(())
+    }
+
+    /// Makes a document read from the store the endpoints in use, unless a newer version is in
+    /// use already. Reloads run concurrently (the dispatcher's every poll, every request to the
+    /// webhook endpoints): one that read the document before a change must not, by finishing
+    /// after the change's own reload, bring the old endpoints back, nor switch the outbox off
+    /// after `PUT` has answered (the events of the sessions created then would never be
+    /// delivered).
+    fn apply(&self, version: Option<u64>, doc: Doc) {
+        let version = version.unwrap_or(0);
+        let mut applied = self.applied.lock();
+        if version < *applied {
+            return;
+        }
+        *applied = version;
         let mut all: BTreeMap<String, (Endpoint, &'static str)> = doc
             .hooks
             .into_iter()
@@ -291,7 +311,6 @@ impl Webhooks {
         }
         self.service.set_deliver(!all.is_empty());
         *self.loaded.write() = Arc::new(all);
-        Ok(())
     }
 
     fn view(name: &str, e: &Endpoint, source: &str) -> api::Webhook {
@@ -475,6 +494,42 @@ impl Webhooks {
         self.store.put_document(LEASE_DOC, version, &doc).await
     }
 
+    /// Turns a batch of pending events into deliveries; answers how many events there were.
+    async fn fan_out_pending(&self, now: Timestamp) -> Result<usize, StoreError> {
+        let pending = self.store.pending_events(BATCH).await?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        // The endpoints are read after the events: an event written for delivery because an
+        // endpoint had just been made (on this node or another) finds that endpoint here, even
+        // when the reload at the start of the poll read the document before the change.
+        // (Fanned out to no endpoint, the event would never be delivered.)
+        self.reload().await?;
+        let hooks = self.loaded.read().clone();
+        let mut deliveries = Vec::new();
+        for e in &pending {
+            for (name, (hook, _)) in hooks.iter() {
+                if hook.wants(&e.event_type) {
+                    deliveries.push(api::Delivery {
+                        id: format!("{}.{name}", e.id),
+                        webhook: name.clone(),
+                        event: e.clone(),
+                        state: DeliveryState::Pending,
+                        attempts: 0,
+                        next_attempt_at: Some(now.to_datetime()),
+                        last_status: None,
+                        last_error: None,
+                        created_at: now.to_datetime(),
+                        updated_at: now.to_datetime(),
+                    });
+                }
+            }
+        }
+        let ids: Vec<String> = pending.iter().map(|e| e.id.clone()).collect();
+        self.store.fan_out(&ids, &deliveries).await?;
+        Ok(pending.len())
+    }
+
     /// One round: reload, and if this node holds the lease, fan out and attempt what is due.
     /// Answers whether a batch was full (there is probably more to do at once).
     pub async fn poll(&self) -> Result<bool, StoreError> {
@@ -483,34 +538,11 @@ impl Webhooks {
         if !self.lease(now).await? {
             return Ok(false);
         }
+        let pending = self.fan_out_pending(now).await?;
         let hooks = self.loaded.read().clone();
-        let pending = self.store.pending_events(BATCH).await?;
-        if !pending.is_empty() {
-            let mut deliveries = Vec::new();
-            for e in &pending {
-                for (name, (hook, _)) in hooks.iter() {
-                    if hook.wants(&e.event_type) {
-                        deliveries.push(api::Delivery {
-                            id: format!("{}.{name}", e.id),
-                            webhook: name.clone(),
-                            event: e.clone(),
-                            state: DeliveryState::Pending,
-                            attempts: 0,
-                            next_attempt_at: Some(now.to_datetime()),
-                            last_status: None,
-                            last_error: None,
-                            created_at: now.to_datetime(),
-                            updated_at: now.to_datetime(),
-                        });
-                    }
-                }
-            }
-            let ids: Vec<String> = pending.iter().map(|e| e.id.clone()).collect();
-            self.store.fan_out(&ids, &deliveries).await?;
-        }
         let due = self.store.due_deliveries(now, BATCH).await?;
-        self.metrics.webhook_queue(pending.len(), due.len());
-        let full = pending.len() == BATCH || due.len() == BATCH;
+        self.metrics.webhook_queue(pending, due.len());
+        let full = pending == BATCH || due.len() == BATCH;
         let mut tasks = tokio::task::JoinSet::new();
         let mut queue = due.into_iter();
         loop {
@@ -747,6 +779,131 @@ mod tests {
         local.validate().unwrap();
         assert!(valid_name("audit-1_x"));
         assert!(!valid_name("Audit") && !valid_name("") && !valid_name("a/b"));
+    }
+
+    fn store(dir: &std::path::Path) -> Arc<dyn SessionStore> {
+        Arc::new(
+            sessiond_store::EmbeddedStore::open(dir, sessiond_store::EmbeddedOptions::default())
+                .unwrap(),
+        )
+    }
+
+    fn hooks(dir: &std::path::Path) -> (Webhooks, Arc<SessionService>) {
+        node(store(dir))
+    }
+
+    /// A node: its own service and dispatcher, on `store`.
+    fn node(store: Arc<dyn SessionStore>) -> (Webhooks, Arc<SessionService>) {
+        let service = Arc::new(SessionService::new(
+            store.clone(),
+            Arc::new(sessiond_core::time::ManualClock::new(
+                Timestamp::from_millis(1_700_000_000_000),
+            )),
+            Arc::new(sessiond_core::events::LogSink),
+            sessiond_core::service::ServiceConfig::default(),
+        ));
+        let w = Webhooks::new(
+            service.clone(),
+            store,
+            BTreeMap::new(),
+            WebhookOptions::default(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        (w, service)
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_read_before_a_change_does_not_undo_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, service) = hooks(dir.path());
+        w.reload().await.unwrap();
+        assert!(!service.delivers());
+        // The dispatcher's poll reads the document (no endpoint yet) and is slow to finish...
+        let (version, stale) = w.read_doc().await.unwrap();
+        // ...while PUT stores an endpoint and answers (its own reload switched delivery on)...
+        let input = api::WebhookInput {
+            url: "https://example.com/hook".into(),
+            events: vec!["session.created".into()],
+            secret: format!("whsec_{}", STANDARD.encode([7u8; 32])),
+        };
+        w.put("audit", input).await.unwrap();
+        assert!(service.delivers());
+        // ...then the poll's reload finishes: the sessions created from now on must still be
+        // delivered, and the endpoint must stay loaded.
+        w.apply(version, stale);
+        assert!(
+            service.delivers(),
+            "the outbox was switched off after PUT answered"
+        );
+        assert!(w.loaded.read().contains_key("audit"));
+        // A newer document still applies.
+        w.delete("audit").await.unwrap();
+        assert!(!service.delivers());
+        assert!(w.loaded.read().is_empty());
+    }
+
+    fn audit_hook() -> api::WebhookInput {
+        api::WebhookInput {
+            url: "http://127.0.0.1:9/hook".into(),
+            events: vec!["*".into()],
+            secret: format!("whsec_{}", STANDARD.encode([7u8; 32])),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_written_for_a_new_endpoint_is_fanned_out_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        // The dispatcher has loaded the endpoints before the first one is made (on another
+        // node, or by a PUT that answered while this poll's reload was in flight).
+        let (dispatcher, _) = node(store.clone());
+        dispatcher.reload().await.unwrap();
+        let (api_node, service) = node(store.clone());
+        api_node.reload().await.unwrap();
+        api_node.put("audit", audit_hook()).await.unwrap();
+        assert!(service.delivers());
+        let now = service.now();
+        service
+            .record(vec![auth_failed(now, "missing", None, "/v1/events")])
+            .await
+            .unwrap();
+        assert_eq!(dispatcher.fan_out_pending(now).await.unwrap(), 1);
+        let made = store
+            .deliveries(&DeliveryQuery {
+                webhook: "audit".into(),
+                state: None,
+                before_id: None,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(made.len(), 1, "the event was fanned out to no endpoint");
+    }
+
+    #[tokio::test]
+    async fn the_lease_passes_on_only_when_it_lapses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let (a, _) = node(store.clone());
+        let (b, _) = node(store.clone());
+        // Three polls of one second.
+        let ttl = 3000;
+        let t0 = Timestamp::from_millis(1_700_000_000_000);
+        let at = |ms: i64| Timestamp::from_millis(t0.as_millis() + ms);
+        assert!(a.lease(t0).await.unwrap());
+        assert!(!b.lease(at(ttl - 1)).await.unwrap());
+        // A poll slower than the lease: the holder renews a lapsed lease that nobody took.
+        assert!(a.lease(at(ttl + 500)).await.unwrap());
+        assert!(!b.lease(at(ttl + 600)).await.unwrap());
+        // The holder stops (kill -9): another node takes over once the lease lapses.
+        assert!(b.lease(at(2 * ttl + 501)).await.unwrap());
+        assert!(!a.lease(at(2 * ttl + 502)).await.unwrap());
+        // A restarted node is a new holder: it waits like any other.
+        let (restarted, _) = node(store.clone());
+        assert!(!restarted.lease(at(2 * ttl + 600)).await.unwrap());
+        assert!(restarted.lease(at(3 * ttl + 502)).await.unwrap());
+        assert!(b.lease(at(3 * ttl + 503)).await.is_ok_and(|held| !held));
     }
 
     #[test]

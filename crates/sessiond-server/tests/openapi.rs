@@ -223,6 +223,8 @@ async fn document_describes_the_api() {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     assert_eq!(doc["info"]["title"], "sessiond");
 
+    assert_eq!(doc["security"], json!([{"api_key": []}]));
+    assert!(!doc["servers"].as_array().unwrap().is_empty());
     let scheme = &doc["components"]["securitySchemes"]["api_key"];
     assert_eq!(scheme["type"], "http");
     assert_eq!(scheme["scheme"], "bearer");
@@ -273,11 +275,20 @@ async fn document_describes_the_api() {
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
             let responses = op["responses"].as_object().unwrap();
-            let secured = op.get("security").is_some();
+            // The API key by default; public operations say so with `security: []`.
+            let secured = path.starts_with("/v1/") || path == "/metrics";
             assert_eq!(
-                secured,
-                path.starts_with("/v1/") || path == "/metrics",
+                op["security"],
+                if secured {
+                    json!([{"api_key": []}])
+                } else {
+                    json!([])
+                },
                 "{method} {path}: security"
+            );
+            assert!(
+                op["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{method} {path}: a description"
             );
             for (status, response) in responses {
                 if status.starts_with('4') || status.starts_with('5') {
@@ -305,6 +316,49 @@ async fn document_describes_the_api() {
                     assert!(responses.contains_key(status), "{method} {path}: {status}");
                 }
             }
+        }
+    }
+}
+
+#[tokio::test]
+async fn parameters_are_where_the_server_reads_them() {
+    let app = app().await;
+    let doc = fetch_document(&app.router).await;
+    // The filters of the audit log are read from the query string.
+    let params = doc["paths"]["/v1/events"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    let mut names: Vec<&str> = Vec::new();
+    for p in params {
+        let name = p["name"].as_str().unwrap();
+        assert_eq!(p["in"], "query", "GET /v1/events: {name}");
+        assert_ne!(p["required"], json!(true), "GET /v1/events: {name}");
+        names.push(name);
+    }
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "cursor", "handle", "limit", "since", "type", "until", "user_id"
+        ]
+    );
+    // Everywhere: a path parameter names a placeholder of its path, and every placeholder is one.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let placeholders: BTreeSet<&str> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .collect();
+        for (method, op) in item.as_object().unwrap() {
+            let in_path: BTreeSet<&str> = op["parameters"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .filter(|p| p["in"] == "path")
+                        .map(|p| p["name"].as_str().unwrap())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(in_path, placeholders, "{method} {path}: path parameters");
         }
     }
 }

@@ -60,6 +60,8 @@ enum Command {
     },
     /// Print a new random API key (256 bits from the OS CSPRNG).
     GenerateKey,
+    /// Print the OpenAPI document of the HTTP API (as served at GET /openapi.json).
+    Openapi,
     /// Manage the keyring that signs access tokens (token mode).
     Keys {
         #[command(subcommand)]
@@ -261,6 +263,14 @@ fn main() -> anyhow::Result<()> {
         Command::Keys { command } => {
             init_logging(LogFormat::Text);
             keys_command(command)
+        }
+        Command::Openapi => {
+            let doc = sessiond_server::openapi::json()?;
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{doc}");
+            }
+            Ok(())
         }
         Command::GenerateKey => {
             let (key, _) = TokenFormat::new("sk_")?.generate()?;

@@ -14,6 +14,11 @@
 //! 4. the signature, with jsonwebtoken, for exactly that algorithm;
 //! 5. the claims: `exp` and `nbf` against the verifier's clock with its leeway, then `iss` and
 //!    `aud` against the expected issuer and audience.
+//!
+//! What is not checked: the session's state. A revoked session's access tokens, and access
+//! tokens issued before the session's token was rotated (rotate, reauthenticate), verify here
+//! until they expire; that is the price of no network call. `POST /v1/sessions/verify` with the
+//! access token checks both.
 
 use std::collections::HashMap;
 use std::fmt;

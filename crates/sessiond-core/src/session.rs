@@ -453,6 +453,41 @@ mod tests {
     }
 
     #[test]
+    fn stored_deadlines_win_over_a_relaxed_policy_but_not_a_stricter_one() {
+        let t = Timestamp::from_millis;
+        for remember_me in [false, true] {
+            let mut r = rec(0, remember_me);
+            let created_under = policy(2, 3);
+            pin(&mut r, &created_under);
+            assert!(!needs_pin(&r, &created_under));
+            let relaxed = policy(1800, 43_200);
+            assert!(needs_pin(&r, &relaxed));
+            let (i, a) = if remember_me { (20, 30) } else { (2, 3) };
+            assert_eq!(
+                expiries(&r, t(0), &relaxed),
+                (t(i * 1000), t(a * 1000)),
+                "remember_me={remember_me}"
+            );
+            assert_eq!(
+                liveness(&r, t(0), &relaxed, t(a * 1000)),
+                Liveness::Expired(t(i * 1000))
+            );
+            // Stricter than stored: the policy wins.
+            let s = if remember_me { 10_000 } else { 1000 };
+            assert_eq!(expiries(&r, t(0), &policy(1, 1)), (t(s), t(s)));
+        }
+        // Old data: nothing stored, the policy decides; pinning derives the absolute expiry once.
+        let mut old = rec(0, false);
+        assert_eq!(
+            expiries(&old, t(0), &policy(100, 200)),
+            (t(100_000), t(200_000))
+        );
+        pin(&mut old, &policy(100, 200));
+        assert_eq!(old.expires_at, Some(t(200_000)));
+        assert_eq!(old.idle_timeout_s, Some(100));
+    }
+
+    #[test]
     fn requirements_check_aal_and_auth_age() {
         let mut r = rec(0, false);
         r.auth.aal = 1;

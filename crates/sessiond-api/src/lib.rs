@@ -273,7 +273,8 @@ pub struct SessionWithToken {
     pub token: String,
     /// The session cookie.
     pub cookie: Cookie,
-    /// A signed access token (JWT), when the tenant's policy has token mode on (create only).
+    /// A signed access token (JWT), when the tenant's policy has token mode on. Rotate and
+    /// reauthenticate answer a new one: access tokens issued before no longer verify.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
     /// When the access token expires.
@@ -284,7 +285,9 @@ pub struct SessionWithToken {
     )]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub access_token_expires_at: Option<DateTime<Utc>>,
-    /// The refresh token, when the tenant's policy has token mode on (create only).
+    /// The refresh token, when the tenant's policy has token mode on (and refresh tokens are
+    /// on). Rotate and reauthenticate answer a new one: every refresh token issued before is
+    /// refused (`session_unknown`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<String>,
 }
@@ -362,10 +365,19 @@ pub struct AccessClaims {
     pub tenant: String,
     /// Token id.
     pub jti: String,
+    /// How many times the session's token had been rotated (rotate, reauthenticate) when this
+    /// access token was issued; absent for none. The server refuses an access token issued
+    /// before the session's last rotation.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rot: u32,
     /// The application's claims given at create.
     #[serde(flatten)]
     #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub extra: JsonObject,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The claim names sessiond sets itself; `access_token_claims` may not use them.
@@ -381,6 +393,7 @@ pub const RESERVED_CLAIMS: &[&str] = &[
     "auth_time",
     "aal",
     "tenant",
+    "rot",
     "amr",
     "acr",
     "azp",

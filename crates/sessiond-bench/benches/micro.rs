@@ -52,6 +52,9 @@ fn session(data: &str) -> StoredSession {
         state: StoredState::Active,
         refresh: None,
         flags: Vec::new(),
+        expires_at: None,
+        idle_timeout_s: None,
+        rotations: 0,
     }))
 }
 
@@ -184,6 +187,7 @@ fn access_tokens(c: &mut Criterion) {
         aal: 1,
         tenant: "default".into(),
         jti: "bench".into(),
+        rot: 0,
         extra: serde_json::Map::new(),
     };
     for alg in [SigningAlg::EdDSA, SigningAlg::ES256] {

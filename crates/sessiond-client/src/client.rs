@@ -194,6 +194,8 @@ impl Client {
     }
 
     /// `POST /v1/sessions/rotate`: issues a new token for the session; the old one stops working.
+    /// In token mode the answer also holds a new access token and refresh token, and the earlier
+    /// ones are refused by the server.
     pub async fn rotate(&self, token: &str) -> Result<SessionWithToken, Error> {
         let url = self.url(&["v1", "sessions", "rotate"])?;
         self.send(self.authed(Method::POST, url).json(&TokenBody { token }))

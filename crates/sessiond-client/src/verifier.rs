@@ -21,6 +21,11 @@
 //!
 //! The JWKS is fetched over `https`, or `http` to a loopback host only, and redirects are never
 //! followed: the keys come from the configured URL or not at all.
+//!
+//! What is not checked: the session's state. A revoked session's access tokens, and access
+//! tokens issued before the session's token was rotated (rotate, reauthenticate), verify here
+//! until they expire; that is the price of no network call. `POST /v1/sessions/verify` with the
+//! access token checks both.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -562,6 +562,7 @@ mod tests {
             aal: 1,
             tenant: "default".into(),
             jti: "j".into(),
+            rot: 0,
             extra,
         }
     }

@@ -208,6 +208,19 @@ impl RefreshState {
         Ok((state, format_token(handle, &new)))
     }
 
+    /// The state after the session's token was rotated (rotate, reauthenticate), and its new
+    /// refresh token: a fresh random secret and no spent tokens, so that every refresh token
+    /// issued before is [`Presented::Unknown`]. The claims are kept.
+    pub fn rekeyed(
+        &self,
+        handle: &SessionHandle,
+        now: Timestamp,
+    ) -> Result<(Self, RefreshToken), CoreError> {
+        let (mut state, token) = Self::issue(handle, self.claims.clone(), now)?;
+        state.generation = self.generation + 1;
+        Ok((state, token))
+    }
+
     /// For a recently spent `secret`: the token the last refresh issued for it, if that is
     /// still the current one.
     pub fn reissue(
@@ -320,6 +333,26 @@ mod tests {
         let text = s2.to_text().unwrap();
         assert!(!text.contains(&tok1.expose()[4..]));
         assert_eq!(RefreshState::from_text(&text).unwrap(), s2);
+    }
+
+    #[test]
+    fn a_rotation_makes_every_earlier_token_unknown() {
+        let h = SessionHandle::generate().unwrap();
+        let mut claims = Map::new();
+        claims.insert("role".into(), "admin".into());
+        let (s0, tok0) = RefreshState::issue(&h, claims.clone(), t(0)).unwrap();
+        let (_, sec0) = parse(tok0.expose()).unwrap();
+        let (s1, tok1) = s0.next(&h, &sec0, t(1000)).unwrap();
+        let (_, sec1) = parse(tok1.expose()).unwrap();
+        let (r, tok2) = s1.rekeyed(&h, t(1500)).unwrap();
+        let (_, sec2) = parse(tok2.expose()).unwrap();
+        assert_eq!(r.classify(&sec2, t(1500), 10), Presented::Current);
+        // Within the grace period too: no pair to hand out again, and no theft either.
+        assert_eq!(r.classify(&sec1, t(1500), 10), Presented::Unknown);
+        assert_eq!(r.classify(&sec0, t(1500), 10), Presented::Unknown);
+        assert_eq!(r.claims, claims);
+        assert_eq!(r.generation, 2);
+        assert_ne!(r.jti(&h), s1.jti(&h));
     }
 
     #[test]

@@ -251,6 +251,7 @@ impl SessionService {
             aal: rec.auth.aal,
             tenant: rec.tenant.to_string(),
             jti,
+            rot: rec.rotations,
             extra,
         };
         let ring = self.keys_or_err()?.ensure(self.clock.now()).await?;
@@ -531,7 +532,7 @@ impl SessionService {
             _ => (None, None),
         };
         let (token, token_hash) = self.cfg.token_format.generate()?;
-        let record = SessionRecord {
+        let mut record = SessionRecord {
             handle,
             token_hash,
             user_id,
@@ -548,7 +549,11 @@ impl SessionService {
                 .map(RefreshState::to_text)
                 .transpose()?,
             flags: Vec::new(),
+            expires_at: None,
+            idle_timeout_s: None,
+            rotations: 0,
         };
+        session::pin(&mut record, &policy);
         let record = Arc::new(record);
         match self.store.insert((*record).clone(), now, audit).await? {
             InsertOutcome::LimitReached => Err(CoreError::SessionLimitReached),
@@ -747,6 +752,13 @@ impl SessionService {
         {
             return Err(e);
         }
+        // Compared with the rotation count, not a time: a token issued in the same second (or
+        // millisecond) as a rotation, but before it, is still refused.
+        if claims.rot != found.record.rotations {
+            return Err(invalid(
+                "the access token was issued before the session's token was last rotated",
+            ));
+        }
         Ok((found, policy))
     }
 
@@ -879,10 +891,20 @@ impl SessionService {
         let (found, policy, old_hash) = self.active_by_token(token, now).await?;
         let (new_token, new_hash) = self.cfg.token_format.generate()?;
         let handle = found.record.handle.clone();
+        // Token mode: the refresh state starts over with a fresh token and no spent ones, so
+        // every refresh token issued before is unknown to the session (refused as
+        // `session_unknown`, not taken for theft: a token spent by a rotation is no evidence
+        // that anyone else holds it).
+        let rekeyed = match (&found.record.refresh, policy.tokens()) {
+            (Some(text), Some(t)) if t.refresh_token => {
+                Some(RefreshState::from_text(text)?.rekeyed(&handle, now)?)
+            }
+            _ => None,
+        };
         let change = Rekey {
             expect: Expect::Token(old_hash),
             token_hash: Some(new_hash),
-            refresh: None,
+            refresh: rekeyed.as_ref().map(|(s, _)| s.to_text()).transpose()?,
             event: if auth.is_some() {
                 EventKind::SessionReauthenticated
             } else {
@@ -897,7 +919,23 @@ impl SessionService {
         match self.store.rotate(&handle, &change, now, audit).await? {
             RotateOutcome::Rotated(s) => {
                 self.publish(audit);
-                Ok(self.issued(&s, &policy, new_token, now))
+                // Token mode: a new pair (access tokens issued before carry an older rotation
+                // count and no longer verify).
+                let (jti, claims, refresh_token) = match rekeyed {
+                    Some((state, tok)) => (state.jti(&handle), state.claims, Some(tok)),
+                    None => (
+                        URL_SAFE_NO_PAD.encode(crate::token::random_bytes::<16>()?),
+                        Map::new(),
+                        None,
+                    ),
+                };
+                let access = self
+                    .access_token(&s.record, &policy, now, jti, claims)
+                    .await?;
+                let mut issued = self.issued(&s, &policy, new_token, now);
+                issued.access_token = access;
+                issued.refresh_token = refresh_token;
+                Ok(issued)
             }
             // Lost a race: the token was rotated or the session ended meanwhile.
             RotateOutcome::Stale => match self.store.find_by_token(&old_hash).await? {

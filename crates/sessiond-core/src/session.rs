@@ -37,8 +37,9 @@ pub struct DeviceRecord {
     pub os: Option<Arc<str>>,
 }
 
-/// The stored lifecycle state. Expiry by timeout is also derived at read time from the policy
-/// (see [`liveness`]); `Expired` is written when the sweeper finds a timed-out session.
+/// The stored lifecycle state. Expiry by timeout is also decided at read time (see
+/// [`liveness`]) from the deadlines stored with the session and the current policy, whichever
+/// is sooner; `Expired` is written when the sweeper finds a timed-out session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoredState {
     /// Not ended by anyone (may still have timed out).
@@ -87,6 +88,17 @@ pub struct SessionRecord {
     pub refresh: Option<Arc<str>>,
     /// What detectors found (`binding_mismatch`, ...), in the order found, each once.
     pub flags: Vec<Arc<str>>,
+    /// The absolute expiry, fixed when the session is created: a later policy can bring it
+    /// forward but never push it back. `None` for sessions stored before it was kept (derived
+    /// from the policy, and pinned at their next use).
+    pub expires_at: Option<Timestamp>,
+    /// The idle timeout (seconds) in force at the session's last pinned use: the idle expiry is
+    /// `last_seen_at` plus this, or plus the current policy's if that is shorter. `None` for
+    /// sessions stored before it was kept.
+    pub idle_timeout_s: Option<u64>,
+    /// How many times the session's token was rotated (rotate, reauthenticate). Access tokens
+    /// carry the count they were issued at; one issued before the last rotation is refused.
+    pub rotations: u32,
 }
 
 /// A session as read from a store: the shared record and the live `last_seen_at`.
@@ -120,16 +132,39 @@ pub enum Liveness {
     Expired(Timestamp),
 }
 
-/// The idle and absolute expiry of a session under `policy`.
+/// The idle and absolute expiry of a session under `policy`: the deadlines stored with the
+/// session, brought forward by the policy if it is stricter. A relaxed policy never moves a
+/// deadline back, so a timed-out session stays timed out.
 pub fn expiries(
     rec: &SessionRecord,
     last_seen: Timestamp,
     policy: &Policy,
 ) -> (Timestamp, Timestamp) {
     let t = policy.timeouts(rec.remember_me);
-    let absolute = rec.created_at.plus_secs(t.absolute_s);
-    let idle = last_seen.plus_secs(t.idle_s).min(absolute);
+    let mut absolute = rec.created_at.plus_secs(t.absolute_s);
+    if let Some(fixed) = rec.expires_at {
+        absolute = absolute.min(fixed);
+    }
+    let idle_s = rec.idle_timeout_s.map_or(t.idle_s, |s| s.min(t.idle_s));
+    let idle = last_seen.plus_secs(idle_s).min(absolute);
     (idle, absolute)
+}
+
+/// Whether a use of the session under `policy` must store new deadlines with it: its idle
+/// timeout differs from the policy's (the policy changed), or it has none stored (old data).
+pub fn needs_pin(rec: &SessionRecord, policy: &Policy) -> bool {
+    rec.expires_at.is_none() || rec.idle_timeout_s != Some(policy.timeouts(rec.remember_me).idle_s)
+}
+
+/// Stores in `rec` the deadlines a use under `policy` fixes: the policy's idle timeout, and the
+/// absolute expiry if none was stored (derived once, as it was before it was kept).
+pub fn pin(rec: &mut SessionRecord, policy: &Policy) {
+    let t = policy.timeouts(rec.remember_me);
+    rec.expires_at = Some(
+        rec.expires_at
+            .unwrap_or_else(|| rec.created_at.plus_secs(t.absolute_s)),
+    );
+    rec.idle_timeout_s = Some(t.idle_s);
 }
 
 /// Whether the session is active at `now` under `policy`: revoked and marked-expired sessions
@@ -328,6 +363,9 @@ mod tests {
             state: StoredState::Active,
             refresh: None,
             flags: Vec::new(),
+            expires_at: None,
+            idle_timeout_s: None,
+            rotations: 0,
         }
     }
 
@@ -412,6 +450,41 @@ mod tests {
             liveness(&r, t(0), &policy(10, 100), t(50_000)),
             Liveness::Expired(_)
         ));
+    }
+
+    #[test]
+    fn stored_deadlines_win_over_a_relaxed_policy_but_not_a_stricter_one() {
+        let t = Timestamp::from_millis;
+        for remember_me in [false, true] {
+            let mut r = rec(0, remember_me);
+            let created_under = policy(2, 3);
+            pin(&mut r, &created_under);
+            assert!(!needs_pin(&r, &created_under));
+            let relaxed = policy(1800, 43_200);
+            assert!(needs_pin(&r, &relaxed));
+            let (i, a) = if remember_me { (20, 30) } else { (2, 3) };
+            assert_eq!(
+                expiries(&r, t(0), &relaxed),
+                (t(i * 1000), t(a * 1000)),
+                "remember_me={remember_me}"
+            );
+            assert_eq!(
+                liveness(&r, t(0), &relaxed, t(a * 1000)),
+                Liveness::Expired(t(i * 1000))
+            );
+            // Stricter than stored: the policy wins.
+            let s = if remember_me { 10_000 } else { 1000 };
+            assert_eq!(expiries(&r, t(0), &policy(1, 1)), (t(s), t(s)));
+        }
+        // Old data: nothing stored, the policy decides; pinning derives the absolute expiry once.
+        let mut old = rec(0, false);
+        assert_eq!(
+            expiries(&old, t(0), &policy(100, 200)),
+            (t(100_000), t(200_000))
+        );
+        pin(&mut old, &policy(100, 200));
+        assert_eq!(old.expires_at, Some(t(200_000)));
+        assert_eq!(old.idle_timeout_s, Some(100));
     }
 
     #[test]

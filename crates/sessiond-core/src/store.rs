@@ -103,6 +103,7 @@ impl Rekey {
         let mut new = rec.clone();
         if let Some(h) = &self.token_hash {
             new.token_hash = *h;
+            new.rotations = new.rotations.saturating_add(1);
         }
         if let Some(r) = &self.refresh {
             new.refresh = Some(r.clone());

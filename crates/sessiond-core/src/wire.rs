@@ -246,6 +246,9 @@ mod tests {
                 state,
                 refresh: None,
                 flags: flags.iter().map(|f| Arc::from(*f)).collect(),
+                expires_at: None,
+                idle_timeout_s: None,
+                rotations: 0,
             }),
             last_seen_at: Timestamp::from_millis(1_767_225_660_999),
         }

@@ -223,7 +223,7 @@ pub async fn jwks(
     tag = "sessions",
     request_body(content = TokenRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "The session, its new token and cookie; the old token no longer works.", body = SessionWithToken),
+        (status = 200, description = "The session, its new token and cookie; the old token no longer works. In token mode also a new access token and refresh token: earlier access tokens no longer verify at the server and earlier refresh tokens are refused.", body = SessionWithToken),
         (status = 400, description = "`invalid_request`: the body is not a JSON object, has an unknown field, a wrong type or an invalid value.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: the API key is missing or wrong; `session_unknown`, `session_expired` or `session_revoked`: the token names no active session.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`conflict`: a concurrent change to the same session won; retry.", body = Problem, content_type = "application/problem+json"),
@@ -253,7 +253,7 @@ pub async fn rotate(
     tag = "sessions",
     request_body(content = ReauthenticateRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "The step-up is recorded and the token rotated: the session, its new token and cookie.", body = SessionWithToken),
+        (status = 200, description = "The step-up is recorded and the token rotated: the session, its new token and cookie. In token mode also a new access token and refresh token: earlier access tokens no longer verify at the server and earlier refresh tokens are refused.", body = SessionWithToken),
         (status = 400, description = "`invalid_request`: the body is not a JSON object, has an unknown field, a wrong type or an invalid value.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: the API key is missing or wrong; `session_unknown`, `session_expired` or `session_revoked`: the token names no active session.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`conflict`: a concurrent change to the same session won; retry.", body = Problem, content_type = "application/problem+json"),

@@ -953,6 +953,22 @@ mod tests {
         let (got, _) = got.unwrap();
         assert_eq!(got.last_seen_at, t(10));
         assert_eq!(got.record.last_seen_at, t(10), "the stored value moved too");
+
+        // Past its stored deadlines, a cached copy is not served, whatever the cached policy.
+        let mut pinned = (*s.record).clone();
+        pinned.idle_timeout_s = Some(5);
+        pinned.expires_at = Some(t(100));
+        let pinned = StoredSession::new(Arc::new(pinned));
+        clock.set(t(0));
+        assert!(cached.fill(cached.ticket(), &pinned, &p));
+        clock.set(t(4));
+        assert_eq!(cached.get(&h).1, Lookup::Hit);
+        clock.set(t(5));
+        assert_eq!(
+            cached.get(&h).1,
+            Lookup::Miss,
+            "past its stored idle deadline"
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@ use serde_json::{Map, Value, json};
 use sessiond_core::api::{self, DeliveryState, OnLimit, PolicyDocument};
 use sessiond_core::events::{Audit, EventKind};
 use sessiond_core::policy::Policy;
-use sessiond_core::session::{AuthRecord, DeviceRecord, SessionRecord, StoredState};
+use sessiond_core::session::{
+    self, AuthRecord, DeviceRecord, Liveness, SessionRecord, StoredState,
+};
 use sessiond_core::store::{
     DataUpdate, DeliveryQuery, EventQuery, Expect, InsertOutcome, ListQuery, Rekey, RotateOutcome,
     SessionStore,
@@ -60,6 +62,9 @@ pub fn record(user: &str, tenant: &str, at: Timestamp) -> (SessionRecord, TokenH
         state: StoredState::Active,
         refresh: None,
         flags: Vec::new(),
+        expires_at: None,
+        idle_timeout_s: None,
+        rotations: 0,
     };
     (rec, hash)
 }
@@ -769,6 +774,79 @@ pub async fn touch_slides_and_is_written_back(f: &dyn StoreFactory) {
     );
 }
 
+/// A session's deadlines are stored with it: a relaxed policy does not revive a timed-out
+/// session, on any node and after a restart; a session stored without them (older data) is
+/// judged by the policy as before. The rotation count is stored too.
+pub async fn stored_deadlines_outlast_a_relaxed_policy(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let short = policy(|d| {
+        d.idle_timeout_s = 2;
+        d.absolute_timeout_s = 3;
+    });
+    s.put_policy(&tenant("fin"), short.clone(), t(0), &audit())
+        .await
+        .unwrap();
+    let pinned = |user: &str| {
+        let (mut r, h) = record(user, "fin", t(0));
+        session::pin(&mut r, &short);
+        (r, h)
+    };
+    let (idle, hi) = pinned("ivy");
+    let (abs, ha) = pinned("ivy");
+    let (old, ho) = record("ivy", "fin", t(0));
+    for r in [&idle, &abs, &old] {
+        insert(&*s, r, t(0)).await;
+    }
+    let a = s.find_by_token(&ha).await.unwrap().unwrap();
+    s.touch(&a, &short, t(1)).await.unwrap();
+    s.flush().await.unwrap();
+    s.put_policy(&tenant("fin"), Policy::default(), t(4), &audit())
+        .await
+        .unwrap();
+    let s2 = f.open().await;
+    for st in [&s, &s2] {
+        let relaxed = st.policy(&tenant("fin")).await.unwrap();
+        assert_eq!(*relaxed, Policy::default());
+        for (h, want) in [(&hi, t(2)), (&ha, t(3))] {
+            let (found, p) = st.find_by_token_with_policy(h).await.unwrap().unwrap();
+            assert_eq!(
+                session::liveness(&found.record, found.last_seen_at, &p, t(4)),
+                Liveness::Expired(want),
+                "a relaxed policy revived a timed-out session"
+            );
+        }
+        let o = st.find_by_token(&ho).await.unwrap().unwrap();
+        assert_eq!(o.record.expires_at, None);
+        assert_eq!(
+            session::liveness(&o.record, o.last_seen_at, &relaxed, t(4)),
+            Liveness::Active,
+            "no stored deadlines: the policy decides"
+        );
+    }
+    let (_, next) = TokenFormat::default().generate().unwrap();
+    assert!(matches!(
+        s.rotate(&idle.handle, &rekey(hi, next, None), t(4), &audit())
+            .await
+            .unwrap(),
+        RotateOutcome::Stale
+    ));
+    assert!(matches!(
+        s.rotate(&old.handle, &rekey(ho, next, None), t(4), &audit())
+            .await
+            .unwrap(),
+        RotateOutcome::Rotated(_)
+    ));
+    let report = s.sweep(t(4), 3600, &audit()).await.unwrap();
+    let mut swept: Vec<_> = report.expired.iter().map(|e| e.handle.clone()).collect();
+    swept.sort();
+    let mut want = vec![idle.handle.clone(), abs.handle.clone()];
+    want.sort();
+    assert_eq!(swept, want);
+    let s3 = f.open().await;
+    let rotated = s3.find_by_token(&next).await.unwrap().unwrap();
+    assert_eq!(rotated.record.rotations, 1);
+}
+
 pub async fn sweep_expires_then_purges(f: &dyn StoreFactory) {
     let s = f.open().await;
     s.put_policy(
@@ -1317,6 +1395,7 @@ macro_rules! conformance_suite {
             outbox_fans_out_to_deliveries,
             active_sessions_are_counted_per_tenant,
             flags_and_rebinding_persist_with_their_event,
+            stored_deadlines_outlast_a_relaxed_policy,
             ping_answers
         );
     };

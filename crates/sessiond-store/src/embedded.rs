@@ -406,7 +406,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     revoked_reason   TEXT,
     ended_at         INTEGER,
     refresh          TEXT,
-    flags            TEXT
+    flags            TEXT,
+    expires_at       INTEGER,
+    idle_timeout_s   INTEGER,
+    rotations        INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_ended ON sessions(ended_at) WHERE ended_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS policies (
@@ -454,10 +457,10 @@ CREATE INDEX IF NOT EXISTS deliveries_webhook ON deliveries(webhook, id);
 /// The columns of `sessions`, in the order of [`Row`]'s fields.
 pub(crate) const COLUMNS: &str = "handle, token_hash, user_id, tenant, created_at, last_seen_at, \
     remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os, data, \
-    state, revoked_reason, ended_at, refresh, flags";
+    state, revoked_reason, ended_at, refresh, flags, expires_at, idle_timeout_s, rotations";
 
 /// The schema version this build writes.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
@@ -486,6 +489,16 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
         // Version 4 adds the detectors' flags.
         conn.execute_batch("ALTER TABLE sessions ADD COLUMN flags TEXT")
             .map_err(backend)?;
+    }
+    if (1..5).contains(&version) {
+        // Version 5 keeps each session's deadlines and its token rotation count (older rows
+        // have no deadlines: they are derived from the policy until the session is next used).
+        conn.execute_batch(
+            "ALTER TABLE sessions ADD COLUMN expires_at INTEGER;
+             ALTER TABLE sessions ADD COLUMN idle_timeout_s INTEGER;
+             ALTER TABLE sessions ADD COLUMN rotations INTEGER NOT NULL DEFAULT 0;",
+        )
+        .map_err(backend)?;
     }
     conn.execute_batch(SCHEMA).map_err(backend)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -547,6 +560,9 @@ fn load(conn: &Connection, shared: &Shared) -> Result<usize, StoreError> {
             ended_at: r.get(17).map_err(backend)?,
             refresh: r.get(18).map_err(backend)?,
             flags: r.get(19).map_err(backend)?,
+            expires_at: r.get(20).map_err(backend)?,
+            idle_timeout_s: r.get(21).map_err(backend)?,
+            rotations: r.get(22).map_err(backend)?,
         };
         shared.index(row.into_record(&mut intern)?);
         n += 1;
@@ -975,7 +991,8 @@ fn apply(
                 tx.prepare_cached(
                     "UPDATE sessions SET token_hash = ?2, last_seen_at = ?3, auth_method = ?4,
                             auth_aal = ?5, authenticated_at = ?6, refresh = ?7, ip = ?8,
-                            user_agent = ?9, browser = ?10, os = ?11, flags = ?12
+                            user_agent = ?9, browser = ?10, os = ?11, flags = ?12,
+                            rotations = ?13
                      WHERE handle = ?1",
                 )
                 .and_then(|mut s| {
@@ -993,6 +1010,7 @@ fn apply(
                         r.browser,
                         r.os,
                         r.flags,
+                        r.rotations,
                     ])
                 })
                 .map_err(backend)?;
@@ -1320,7 +1338,7 @@ fn insert_row(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> Result<(), S
     tx.prepare_cached(&format!(
         "INSERT INTO sessions ({COLUMNS})
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                 ?19, ?20)"
+                 ?19, ?20, ?21, ?22, ?23)"
     ))
     .and_then(|mut s| {
         s.execute(params![
@@ -1344,6 +1362,9 @@ fn insert_row(tx: &rusqlite::Transaction<'_>, r: &SessionRecord) -> Result<(), S
             r.ended_at,
             r.refresh,
             r.flags,
+            r.expires_at,
+            r.idle_timeout_s,
+            r.rotations,
         ])
     })
     .map_err(backend)?;

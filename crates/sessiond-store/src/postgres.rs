@@ -137,6 +137,15 @@ fn migrator() -> Migrator {
                 )),
                 false,
             ),
+            Migration::new(
+                6,
+                "session deadlines".into(),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(include_str!(
+                    "../migrations/postgres/0006_session_deadlines.sql"
+                )),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }
@@ -169,14 +178,16 @@ impl std::fmt::Debug for PostgresStore {
 
 const SELECT: &str = "SELECT handle, token_hash, user_id, tenant, created_at, last_seen_at, \
     remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os, data, \
-    state, revoked_reason, ended_at, refresh, flags FROM sessions";
+    state, revoked_reason, ended_at, refresh, flags, expires_at, idle_timeout_s, rotations \
+    FROM sessions";
 
-/// The session of a token hash and its tenant's stored policy document (column 20), in one
+/// The session of a token hash and its tenant's stored policy document (column 23), in one
 /// indexed lookup: the verify path's only query.
 const SELECT_WITH_POLICY: &str = "SELECT s.handle, s.token_hash, s.user_id, s.tenant, \
     s.created_at, s.last_seen_at, s.remember_me, s.auth_method, s.auth_aal, s.authenticated_at, \
     s.ip, s.user_agent, s.browser, s.os, s.data, s.state, s.revoked_reason, s.ended_at, \
-    s.refresh, s.flags, p.document FROM sessions s LEFT JOIN policies p ON p.tenant = s.tenant \
+    s.refresh, s.flags, s.expires_at, s.idle_timeout_s, s.rotations, p.document \
+    FROM sessions s LEFT JOIN policies p ON p.tenant = s.tenant \
     WHERE s.token_hash = $1";
 
 fn to_row(r: &PgRow) -> Result<Row, sqlx::Error> {
@@ -201,6 +212,9 @@ fn to_row(r: &PgRow) -> Result<Row, sqlx::Error> {
         ended_at: r.try_get(17)?,
         refresh: r.try_get(18)?,
         flags: r.try_get(19)?,
+        expires_at: r.try_get(20)?,
+        idle_timeout_s: r.try_get(21)?,
+        rotations: r.try_get(22)?,
     })
 }
 
@@ -381,7 +395,8 @@ impl PostgresStore {
             "{SELECT} WHERE state = 'active'
                AND (($1::text IS NOT NULL AND tenant = $1) OR ($1::text IS NULL AND NOT (tenant = ANY($2))))
                AND ((NOT remember_me AND (last_seen_at <= $3 OR created_at <= $4))
-                 OR (remember_me AND (last_seen_at <= $5 OR created_at <= $6)))
+                 OR (remember_me AND (last_seen_at <= $5 OR created_at <= $6))
+                 OR expires_at <= $8 OR last_seen_at + idle_timeout_s * 1000 <= $8)
              ORDER BY last_seen_at LIMIT $7 FOR UPDATE SKIP LOCKED"
         )))
         .bind(tenant)
@@ -391,6 +406,7 @@ impl PostgresStore {
         .bind(now.minus_secs(rm.idle_s).as_millis())
         .bind(now.minus_secs(rm.absolute_s).as_millis())
         .bind(limit)
+        .bind(now.as_millis())
         .fetch_all(&mut **tx)
         .await
         .map_err(err)?;
@@ -708,9 +724,10 @@ impl SessionStore for PostgresStore {
         sqlx::query(
             "INSERT INTO sessions (handle, token_hash, user_id, tenant, created_at, last_seen_at,
                 remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os,
-                data, state, revoked_reason, ended_at, refresh, flags)
+                data, state, revoked_reason, ended_at, refresh, flags, expires_at, idle_timeout_s,
+                rotations)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                     $19, $20)",
+                     $19, $20, $21, $22, $23)",
         )
         .bind(&r.handle)
         .bind(&r.token_hash)
@@ -732,6 +749,9 @@ impl SessionStore for PostgresStore {
         .bind(r.ended_at)
         .bind(&r.refresh)
         .bind(&r.flags)
+        .bind(r.expires_at)
+        .bind(r.idle_timeout_s)
+        .bind(r.rotations)
         .execute(&mut *tx)
         .await
         .map_err(err)?;
@@ -770,7 +790,7 @@ impl SessionStore for PostgresStore {
             return Ok(None);
         };
         let rec = to_record(&row)?;
-        let doc: Option<String> = row.try_get(20).map_err(err)?;
+        let doc: Option<String> = row.try_get(23).map_err(err)?;
         let policy = self.parse_policy(rec.tenant.as_str(), doc)?;
         Ok(Some((self.live(rec), policy)))
     }
@@ -847,7 +867,8 @@ impl SessionStore for PostgresStore {
         sqlx::query(
             "UPDATE sessions SET token_hash = $2, last_seen_at = GREATEST(last_seen_at, $3),
                     auth_method = $4, auth_aal = $5, authenticated_at = $6, refresh = $7,
-                    ip = $8, user_agent = $9, browser = $10, os = $11, flags = $12
+                    ip = $8, user_agent = $9, browser = $10, os = $11, flags = $12,
+                    rotations = $13
              WHERE handle = $1",
         )
         .bind(handle.as_str())
@@ -862,6 +883,7 @@ impl SessionStore for PostgresStore {
         .bind(&row.browser)
         .bind(&row.os)
         .bind(&row.flags)
+        .bind(row.rotations)
         .execute(&mut *tx)
         .await
         .map_err(err)?;

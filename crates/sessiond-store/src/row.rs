@@ -56,6 +56,19 @@ pub struct Row {
     /// Detectors' flags, comma-separated; `None` when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flags: Option<String>,
+    /// Absolute expiry fixed at creation; `None` in rows written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    /// Idle timeout (seconds) in force at the last pinned use; `None` in older rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<i64>,
+    /// Token rotations so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rotations: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -93,6 +106,11 @@ impl Row {
             ended_at,
             refresh: r.refresh.as_deref().map(str::to_owned),
             flags: (!r.flags.is_empty()).then(|| r.flags.join(",")),
+            expires_at: r.expires_at.map(Timestamp::as_millis),
+            idle_timeout_s: r
+                .idle_timeout_s
+                .map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
+            rotations: i32::try_from(r.rotations).unwrap_or(i32::MAX),
         }
     }
 
@@ -152,6 +170,12 @@ impl Row {
                         .collect()
                 })
                 .unwrap_or_default(),
+            expires_at: self.expires_at.map(Timestamp::from_millis),
+            idle_timeout_s: match self.idle_timeout_s {
+                Some(s) => Some(u64::try_from(s).map_err(|_| corrupt("idle timeout"))?),
+                None => None,
+            },
+            rotations: u32::try_from(self.rotations).map_err(|_| corrupt("rotation count"))?,
         })
     }
 }
@@ -179,6 +203,16 @@ mod tests {
             Row::from_record(&revoked).into_record(no_intern).unwrap(),
             revoked
         );
+        let mut pinned = rec.clone();
+        pinned.expires_at = Some(Timestamp::from_millis(3_600_005));
+        pinned.idle_timeout_s = Some(1800);
+        pinned.rotations = 2;
+        let text = serde_json::to_string(&Row::from_record(&pinned)).unwrap();
+        let back: Row = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.into_record(no_intern).unwrap(), pinned);
+        // A row written before the deadlines were kept reads back without them.
+        let old: Row = serde_json::from_str(&serde_json::to_string(&row).unwrap()).unwrap();
+        assert_eq!(old.expires_at, None);
         let mut bad = row.clone();
         bad.state = "zombie".into();
         assert!(bad.into_record(no_intern).is_err());

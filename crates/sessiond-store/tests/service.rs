@@ -318,6 +318,87 @@ async fn policy_changes_apply_at_the_next_verify() {
 }
 
 #[tokio::test]
+async fn a_relaxed_policy_never_revives_a_timed_out_session() {
+    let f = fixture();
+    let short = |idle, abs| PolicyDocument {
+        idle_timeout_s: idle,
+        absolute_timeout_s: abs,
+        remember_me_idle_timeout_s: idle,
+        remember_me_absolute_timeout_s: abs,
+        ..PolicyDocument::default()
+    };
+    let relaxed = PolicyDocument::default();
+    let put = |doc: PolicyDocument| {
+        let svc = &f.svc;
+        async move {
+            svc.put_policy("default", doc, &Audit::default())
+                .await
+                .unwrap()
+        }
+    };
+    put(short(2, 3)).await;
+    // Idle-expired: unused past 2 s.
+    let idle = login(&f, "idle").await;
+    // Past its absolute expiry: used every second, so never idle.
+    let abs = login(&f, "abs").await;
+    // Remember-me, idle-expired under its own timeouts.
+    let remembered = f
+        .svc
+        .create(
+            &CreateSessionRequest {
+                remember_me: true,
+                ..create_req("rm")
+            },
+            &Audit::default(),
+        )
+        .await
+        .unwrap()
+        .token
+        .expose()
+        .to_owned();
+    for _ in 0..3 {
+        f.clock.advance_millis(1000);
+        let _ = f.svc.verify(&verify_req(&abs)).await;
+    }
+    f.clock.advance_millis(500);
+    for t in [&idle, &abs, &remembered] {
+        assert!(matches!(
+            f.svc.verify(&verify_req(t)).await,
+            Err(CoreError::SessionExpired)
+        ));
+    }
+    put(relaxed.clone()).await;
+    for t in [&idle, &abs, &remembered] {
+        assert!(
+            matches!(
+                f.svc.verify(&verify_req(t)).await,
+                Err(CoreError::SessionExpired)
+            ),
+            "a relaxed policy revived a timed-out session"
+        );
+    }
+
+    // A live session keeps its absolute expiry when the policy is relaxed, and takes a
+    // stricter one at its next verify.
+    put(short(60, 120)).await;
+    let live = login(&f, "live").await;
+    let before = f.svc.verify(&verify_req(&live)).await.unwrap().expires_at;
+    put(relaxed).await;
+    assert_eq!(
+        f.svc.verify(&verify_req(&live)).await.unwrap().expires_at,
+        before
+    );
+    put(short(30, 30)).await;
+    let stricter = f.svc.verify(&verify_req(&live)).await.unwrap().expires_at;
+    assert!(stricter < before);
+    f.clock.advance_secs(30);
+    assert!(matches!(
+        f.svc.verify(&verify_req(&live)).await,
+        Err(CoreError::SessionExpired)
+    ));
+}
+
+#[tokio::test]
 async fn sweep_marks_expired_with_an_event_and_purges_after_retention() {
     let f = fixture();
     let t = login(&f, "u").await;
@@ -574,6 +655,88 @@ mod tokens {
         let p = login(&t, "cap").await;
         let c = claims_of(&p.access);
         assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 120);
+    }
+
+    #[tokio::test]
+    async fn rotate_and_reauthenticate_retire_the_old_pair() {
+        for step_up in [false, true] {
+            let t = fixture(SigningAlg::EdDSA).await;
+            let mut claims = serde_json::Map::new();
+            claims.insert("role".into(), "editor".into());
+            let created =
+                t.f.svc
+                    .create(
+                        &CreateSessionRequest {
+                            user_id: "dave".into(),
+                            access_token_claims: Some(claims),
+                            ..Default::default()
+                        },
+                        &Audit::default(),
+                    )
+                    .await
+                    .unwrap();
+            let old_access = created.access_token.unwrap().0;
+            let old_refresh = created.refresh_token.unwrap().expose().to_owned();
+            // An access token from a refresh, too, in the same millisecond as the rotation.
+            let refreshed =
+                t.f.svc
+                    .refresh(&old_refresh, &Audit::default())
+                    .await
+                    .unwrap();
+            let token = created.token.expose().to_owned();
+            let issued = if step_up {
+                let auth = AuthInput {
+                    method: Some("webauthn".into()),
+                    aal: Some(2),
+                    authenticated_at: None,
+                };
+                t.f.svc
+                    .reauthenticate(&token, &auth, None, &Audit::default())
+                    .await
+                    .unwrap()
+            } else {
+                t.f.svc.rotate(&token, &Audit::default()).await.unwrap()
+            };
+            let (new_access, _) = issued.access_token.expect("a new access token");
+            let new_refresh = issued
+                .refresh_token
+                .expect("a new refresh token")
+                .expose()
+                .to_owned();
+            assert_ne!(new_access, old_access);
+            for old in [&old_access, &refreshed.access_token] {
+                assert!(
+                    matches!(
+                        t.f.svc.verify(&access_req(old)).await,
+                        Err(CoreError::TokenInvalid(m)) if m.contains("rotated")
+                    ),
+                    "step_up={step_up}"
+                );
+            }
+            // Old refresh tokens, the current one of before and the spent one (within the
+            // grace period), are refused, and the session lives on.
+            for old in [refreshed.refresh_token.expose(), old_refresh.as_str()] {
+                assert!(matches!(
+                    t.f.svc.refresh(old, &Audit::default()).await,
+                    Err(CoreError::SessionUnknown)
+                ));
+            }
+            let s = t.f.svc.verify(&access_req(&new_access)).await.unwrap();
+            assert_eq!(s.auth.aal, if step_up { 2 } else { 1 });
+            assert_eq!(claims_of(&new_access)["role"], "editor");
+            assert_eq!(claims_of(&new_access)["aal"], if step_up { 2 } else { 1 });
+            let next =
+                t.f.svc
+                    .refresh(&new_refresh, &Audit::default())
+                    .await
+                    .unwrap();
+            assert!(
+                t.f.svc
+                    .verify(&access_req(&next.access_token))
+                    .await
+                    .is_ok()
+            );
+        }
     }
 
     #[tokio::test]

@@ -130,7 +130,38 @@ async fn expired_sessions_are_swept_and_purged_after_retention() {
     );
 }
 
+async fn a_relaxed_policy_never_revives_a_timed_out_session() {
+    let s = Server::start();
+    let put = |p| s.call(Method::PUT, "/v1/tenants/r/policy", Some(p));
+    let short = json!({"idle_timeout_s": 2, "absolute_timeout_s": 3,
+        "remember_me_idle_timeout_s": 2, "remember_me_absolute_timeout_s": 3});
+    assert_eq!(put(short).await.status, StatusCode::OK);
+    let mut tokens = Vec::new();
+    for remember_me in [false, true] {
+        let r = s
+            .post(
+                "/v1/sessions",
+                json!({"user_id": "z", "tenant": "r", "remember_me": remember_me}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        tokens.push(r.body["token"].as_str().unwrap().to_owned());
+    }
+    // Past the idle timeout and the absolute one, before any sweep.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    for t in &tokens {
+        s.verify(t).await.problem(401, "session_expired");
+    }
+    let relaxed = json!({"idle_timeout_s": 1800, "absolute_timeout_s": 43200,
+        "remember_me_idle_timeout_s": 1800, "remember_me_absolute_timeout_s": 43200});
+    assert_eq!(put(relaxed).await.status, StatusCode::OK);
+    for t in &tokens {
+        s.verify(t).await.problem(401, "session_expired");
+    }
+}
+
 crate::on_every_store!(
+    a_relaxed_policy_never_revives_a_timed_out_session,
     idle_timeout_expires_unused_sessions_and_use_keeps_them_alive,
     absolute_timeout_ends_a_session_however_busy,
     a_policy_change_reaches_existing_sessions_at_their_next_verify,

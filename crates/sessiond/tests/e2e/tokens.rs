@@ -450,7 +450,59 @@ async fn nodes_on_one_store_share_the_keyring() {
         .problem(401, "session_revoked");
 }
 
+/// Rotate and reauthenticate answer a new pair; the old refresh token no longer refreshes and
+/// old access tokens no longer verify at the server (the SDK's local check cannot know).
+async fn rotate_and_reauthenticate_retire_the_old_pair() {
+    let s = start();
+    token_mode(&s, 60, 5).await;
+    for step_up in [false, true] {
+        let r = s
+            .post(
+                "/v1/sessions",
+                json!({"user_id": "tm-rot", "access_token_claims": {"plan": "pro"}}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let token = r.body["token"].as_str().unwrap().to_owned();
+        let old_access = r.body["access_token"].as_str().unwrap().to_owned();
+        let old_refresh = r.body["refresh_token"].as_str().unwrap().to_owned();
+        let rotated = if step_up {
+            s.post(
+                "/v1/sessions/reauthenticate",
+                json!({"token": token, "auth": {"method": "webauthn", "aal": 2}}),
+            )
+            .await
+        } else {
+            s.post("/v1/sessions/rotate", json!({"token": token})).await
+        };
+        assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.text);
+        assert!(rotated.body["access_token_expires_at"].is_string());
+        let new_access = rotated.body["access_token"].as_str().unwrap().to_owned();
+        let new_refresh = rotated.body["refresh_token"].as_str().unwrap().to_owned();
+        assert_ne!(new_refresh, old_refresh);
+        assert_eq!(claims(&new_access)["plan"], "pro");
+
+        verify_access(&s, &old_access)
+            .await
+            .problem(401, "token_invalid");
+        refresh(&s, &old_refresh)
+            .await
+            .problem(401, "session_unknown");
+        let v = verify_access(&s, &new_access).await;
+        assert_eq!(v.status, StatusCode::OK, "{}", v.text);
+        assert_eq!(
+            v.body["session"]["auth"]["aal"],
+            if step_up { 2 } else { 1 }
+        );
+        let next = refresh(&s, &new_refresh).await;
+        assert_eq!(next.status, StatusCode::OK, "{}", next.text);
+        let next_access = next.body["access_token"].as_str().unwrap();
+        assert_eq!(verify_access(&s, next_access).await.status, StatusCode::OK);
+    }
+}
+
 crate::on_every_store!(
+    rotate_and_reauthenticate_retire_the_old_pair,
     access_and_refresh_tokens_with_rotation_and_theft_detection,
     forged_and_stale_access_tokens_are_refused,
     rotated_keys_publish_first_and_old_tokens_verify_until_they_expire,

@@ -887,7 +887,7 @@ impl SessionService {
                     match self.store.rotate(&handle, &change, now, audit).await? {
                         RotateOutcome::Rotated(s) => {
                             self.publish(audit);
-                            return self.pair(&s, &policy, &next, now, now, aal, token).await;
+                            return self.pair(&s, &policy, &next, now, now, token).await;
                         }
                         // Lost a race with another refresh or an end: look again.
                         RotateOutcome::Stale => continue,
@@ -898,9 +898,7 @@ impl SessionService {
                     let mut s = s;
                     s.last_seen_at = s.last_seen_at.max(now);
                     let issued = Timestamp::from_millis(state.at);
-                    return self
-                        .pair(&s, &policy, &state, issued, now, aal, token)
-                        .await;
+                    return self.pair(&s, &policy, &state, issued, now, token).await;
                 }
                 _ => {
                     self.store
@@ -926,9 +924,10 @@ impl SessionService {
         state: &RefreshState,
         issued: Timestamp,
         now: Timestamp,
-        aal: u8,
         refresh_token: RefreshToken,
     ) -> Result<Refreshed, CoreError> {
+        // The session's level was lowered before this if it had to be.
+        let aal = policy.effective_aal(&s.record.auth, s.last_seen_at, issued);
         let (access_token, access_token_expires_at) = self
             .access_token(
                 &s.record,

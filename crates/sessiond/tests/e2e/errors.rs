@@ -253,8 +253,13 @@ async fn session_codes_unknown_revoked_not_active_not_found() {
 
 async fn reauthentication_required_by_auth_age() {
     let s = Server::start();
-    // An hour ago: within the session's absolute timeout, older than the 300 s asked below.
-    let an_hour_ago = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
+    // An hour before the server's now: within the session's absolute timeout, older than the
+    // 300 s asked below.
+    let first = s.post("/v1/sessions", json!({"user_id": "clock"})).await;
+    let server_now = first.body["session"]["created_at"].as_str().unwrap();
+    let an_hour_ago = (chrono::DateTime::parse_from_rfc3339(server_now).unwrap()
+        - chrono::Duration::hours(1))
+    .to_rfc3339();
     let r = s
         .post("/v1/sessions", json!({"user_id": "old-auth", "auth": {"method": "password", "authenticated_at": an_hour_ago}}))
         .await;

@@ -8,11 +8,11 @@
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use sessiond_api::{
-    BindingAction, BindingPolicy, CookiePolicy, IpBinding, OnLimit, PolicyDocument, SameSite,
-    TokensPolicy, TravelPolicy, UserAgentBinding,
+    AalLimits, AalTimeouts, BindingAction, BindingPolicy, CookiePolicy, IpBinding, OnLimit,
+    PolicyDocument, SameSite, TokensPolicy, TravelPolicy, UserAgentBinding,
 };
 use sessiond_core::cookie::{clear_cookie, set_cookie};
-use sessiond_core::policy::{MAX_TIMEOUT_S, Policy};
+use sessiond_core::policy::{MAX_COOKIE_AGE_S, MAX_TIMEOUT_S, Policy};
 use sessiond_core::token::TokenFormat;
 
 #[derive(Debug, Arbitrary)]
@@ -39,6 +39,9 @@ struct Doc<'a> {
     binding: Option<(u8, u8, u8)>,
     /// Impossible travel: speed, action.
     travel: Option<(u32, u8)>,
+    require_auth: bool,
+    /// AAL 2 idle and absolute, AAL 3 idle and absolute.
+    aal: [u64; 4],
 }
 
 fn action(a: u8) -> BindingAction {
@@ -53,6 +56,7 @@ impl Doc<'_> {
     fn build(self) -> PolicyDocument {
         // Mostly in range, with 0 and one past the maximum reachable.
         let t = self.timeouts.map(|v| v % (MAX_TIMEOUT_S + 2));
+        let a = self.aal.map(|v| v % (MAX_TIMEOUT_S + 2));
         let name = match self.name {
             Name::Default => CookiePolicy::default().name,
             Name::Host(s) => format!("__Host-{s}"),
@@ -103,6 +107,17 @@ impl Doc<'_> {
                 max_speed_kmh: speed % 100_002,
                 action: action(a),
             }),
+            require_auth: self.require_auth,
+            aal_timeouts: AalTimeouts {
+                aal2: AalLimits {
+                    idle_timeout_s: a[0],
+                    absolute_timeout_s: a[1],
+                },
+                aal3: AalLimits {
+                    idle_timeout_s: a[2],
+                    absolute_timeout_s: a[3],
+                },
+            },
         }
     }
 }
@@ -146,8 +161,11 @@ fn check_set_cookie(header: &str, c: &CookiePolicy, value: &str, max_age: Option
     if lower.starts_with("__host-") {
         assert!(c.secure && c.domain.is_none() && c.path == "/");
     }
-    if lower.starts_with("__secure-") || c.same_site == SameSite::None {
+    if lower.starts_with("__secure-") || c.same_site == SameSite::None || c.domain.is_some() {
         assert!(c.secure);
+    }
+    if let Some(d) = &c.domain {
+        assert!(!d.starts_with('.') && d.contains('.'));
     }
 }
 
@@ -156,6 +174,14 @@ fn check_valid(policy: &Policy, max_age: u64) {
         let t = policy.timeouts(remember_me);
         assert!(t.idle_s >= 1 && t.idle_s <= t.absolute_s && t.absolute_s <= MAX_TIMEOUT_S);
     }
+    assert!(policy.timeouts(true).absolute_s <= MAX_COOKIE_AGE_S);
+    let a = policy.document().aal_timeouts;
+    for l in [a.aal2, a.aal3] {
+        assert!(l.idle_timeout_s >= 1 && l.idle_timeout_s <= l.absolute_timeout_s);
+        assert!(l.absolute_timeout_s <= MAX_TIMEOUT_S);
+    }
+    assert!(a.aal3.idle_timeout_s <= a.aal2.idle_timeout_s);
+    assert!(a.aal3.absolute_timeout_s <= a.aal2.absolute_timeout_s);
     assert_ne!(policy.max_sessions_per_user(), Some(0));
     if let Some(t) = policy.tokens() {
         assert!((1..=3600).contains(&t.access_token_ttl_s));
@@ -174,7 +200,7 @@ fn check_valid(policy: &Policy, max_age: u64) {
         &set_cookie(c, value, Some(max_age)),
         c,
         value,
-        Some(&format!("Max-Age={max_age}")),
+        Some(&format!("Max-Age={}", max_age.min(MAX_COOKIE_AGE_S))),
     );
     check_set_cookie(
         &clear_cookie(c),

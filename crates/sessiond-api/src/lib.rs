@@ -451,7 +451,8 @@ pub struct Event {
     #[serde(with = "timestamp")]
     pub time: DateTime<Utc>,
     /// `session.created`, `session.rotated`, `session.reauthenticated`, `session.refreshed`,
-    /// `session.revoked`, `session.expired`, `policy.updated`, `auth.failed`, `security.*`.
+    /// `session.revoked`, `session.aal_lowered`, `session.expired`, `policy.updated`,
+    /// `auth.failed`, `security.*`.
     #[serde(rename = "type")]
     pub event_type: String,
     /// The tenant.
@@ -701,9 +702,10 @@ pub struct PolicyDocument {
     #[serde(default = "d_rm_idle")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
     pub remember_me_idle_timeout_s: u64,
-    /// Absolute timeout of a remember-me session.
+    /// Absolute timeout of a remember-me session: at most 400 days, the longest cookie
+    /// `Max-Age` browsers keep.
     #[serde(default = "d_rm_abs")]
-    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 34_560_000))]
     pub remember_me_absolute_timeout_s: u64,
     /// At most this many active sessions per user; `null` for no limit.
     #[serde(default)]
@@ -727,6 +729,64 @@ pub struct PolicyDocument {
     /// `null`: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub impossible_travel: Option<TravelPolicy>,
+    /// Refuse to create a session without an authentication event: a create must name
+    /// `auth.method`. Off by default (an omitted `auth` is recorded as method `unknown`, AAL 1).
+    #[serde(default)]
+    pub require_auth: bool,
+    /// How long an authentication keeps its assurance level (NIST SP 800-63B): past these
+    /// limits a session still alive under its timeouts counts as AAL 1 (`require.min_aal`,
+    /// access tokens' `aal`) until it is reauthenticated.
+    #[serde(default)]
+    pub aal_timeouts: AalTimeouts,
+}
+
+/// Per-assurance-level reauthentication limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AalTimeouts {
+    /// AAL 2: reauthentication every 12 hours and after 30 minutes without use by default.
+    #[serde(default = "d_aal2")]
+    pub aal2: AalLimits,
+    /// AAL 3: reauthentication every 12 hours and after 15 minutes without use by default.
+    /// No looser than `aal2`.
+    #[serde(default = "d_aal3")]
+    pub aal3: AalLimits,
+}
+
+impl Default for AalTimeouts {
+    fn default() -> Self {
+        Self {
+            aal2: d_aal2(),
+            aal3: d_aal3(),
+        }
+    }
+}
+
+/// How long an authentication at one assurance level counts as that level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AalLimits {
+    /// Longest time without use of the session, in seconds.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
+    pub idle_timeout_s: u64,
+    /// Longest time since the authentication (`auth.authenticated_at`), in seconds.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
+    pub absolute_timeout_s: u64,
+}
+
+fn d_aal2() -> AalLimits {
+    AalLimits {
+        idle_timeout_s: 1800,
+        absolute_timeout_s: 43_200,
+    }
+}
+fn d_aal3() -> AalLimits {
+    AalLimits {
+        idle_timeout_s: 900,
+        absolute_timeout_s: 43_200,
+    }
 }
 
 /// The impossible-travel detector's settings.
@@ -916,6 +976,8 @@ impl Default for PolicyDocument {
             tokens: None,
             binding: None,
             impossible_travel: None,
+            require_auth: false,
+            aal_timeouts: AalTimeouts::default(),
         }
     }
 }

@@ -21,7 +21,8 @@ fn attributes(out: &mut String, c: &CookiePolicy) {
 }
 
 /// The `Set-Cookie` value carrying `value`. `max_age_s` is `None` for a browser-session cookie
-/// and the seconds left to the absolute expiry for a remember-me session.
+/// and the seconds left to the absolute expiry for a remember-me session, capped at 400 days
+/// (user agents cap it there anyway; a policy stored before that rule may ask for more).
 pub fn set_cookie(c: &CookiePolicy, value: &str, max_age_s: Option<u64>) -> String {
     let mut out = String::with_capacity(c.name.len() + value.len() + 96);
     out.push_str(&c.name);
@@ -29,7 +30,7 @@ pub fn set_cookie(c: &CookiePolicy, value: &str, max_age_s: Option<u64>) -> Stri
     out.push_str(value);
     attributes(&mut out, c);
     if let Some(s) = max_age_s {
-        let _ = write!(out, "; Max-Age={s}");
+        let _ = write!(out, "; Max-Age={}", s.min(crate::policy::MAX_COOKIE_AGE_S));
     }
     out
 }
@@ -68,6 +69,13 @@ mod tests {
             set_cookie(&c, "v", Some(60)),
             "sid=v; Path=/app; Domain=example.com; Secure; HttpOnly; SameSite=Strict; Max-Age=60"
         );
+    }
+
+    #[test]
+    fn max_age_is_capped_at_400_days() {
+        let c = CookiePolicy::default();
+        assert!(set_cookie(&c, "v", Some(315_360_000)).ends_with("; Max-Age=34560000"));
+        assert!(set_cookie(&c, "v", Some(34_559_999)).ends_with("; Max-Age=34559999"));
     }
 
     #[test]

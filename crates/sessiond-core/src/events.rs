@@ -31,6 +31,9 @@ pub enum EventKind {
     SessionRefreshed,
     /// A session was revoked (the reason says why).
     SessionRevoked,
+    /// A session in use was found past its assurance level's reauthentication limits and
+    /// counts as a lower level from now on (details: `from_aal`, `aal`).
+    SessionAalLowered,
     /// A session timed out and was swept.
     SessionExpired,
     /// A tenant's policy was replaced.
@@ -47,12 +50,13 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind.
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 12] = [
         Self::SessionCreated,
         Self::SessionRotated,
         Self::SessionReauthenticated,
         Self::SessionRefreshed,
         Self::SessionRevoked,
+        Self::SessionAalLowered,
         Self::SessionExpired,
         Self::PolicyUpdated,
         Self::AuthFailed,
@@ -69,6 +73,7 @@ impl EventKind {
             Self::SessionReauthenticated => "session.reauthenticated",
             Self::SessionRefreshed => "session.refreshed",
             Self::SessionRevoked => "session.revoked",
+            Self::SessionAalLowered => "session.aal_lowered",
             Self::SessionExpired => "session.expired",
             Self::PolicyUpdated => "policy.updated",
             Self::AuthFailed => "auth.failed",

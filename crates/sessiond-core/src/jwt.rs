@@ -31,8 +31,21 @@ use crate::time::Timestamp;
 
 /// The longest access-token lifetime a policy may set, in seconds.
 pub const MAX_ACCESS_TOKEN_TTL_S: u64 = 3600;
-/// Allowed clock difference between nodes when checking `nbf`, in seconds.
+/// Allowed clock difference between nodes when checking `nbf` and `iat`, in seconds.
 pub const NBF_LEEWAY_S: i64 = 30;
+/// The header `typ` of access tokens (RFC 9068).
+pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
+
+/// Whether a header `typ` is one this server issues: `at+jwt` (or its media type
+/// `application/at+jwt`), and `JWT` for tokens signed before access tokens were typed (they
+/// live at most [`MAX_ACCESS_TOKEN_TTL_S`]). Media types compare without regard to case.
+fn accepted_typ(typ: Option<&str>) -> bool {
+    typ.is_some_and(|t| {
+        ["at+jwt", "application/at+jwt", "JWT"]
+            .iter()
+            .any(|a| t.eq_ignore_ascii_case(a))
+    })
+}
 
 /// A signature algorithm of the keyring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -471,6 +484,7 @@ impl Keyring {
             .signing_key(now)
             .ok_or_else(|| internal("the keyring has no key that may sign"))?;
         let mut header = Header::new(key.alg.jose());
+        header.typ = Some(ACCESS_TOKEN_TYP.to_owned());
         header.kid = Some(key.kid.clone());
         jsonwebtoken::encode(&header, claims, &key.encoding)
             .map_err(|e| CoreError::Internal(format!("cannot sign an access token: {e}")))
@@ -489,6 +503,11 @@ impl Keyring {
         if !matches!(header.alg, Algorithm::EdDSA | Algorithm::ES256) {
             return Err(Rejection::Invalid(
                 "the access token's algorithm is not accepted",
+            ));
+        }
+        if !accepted_typ(header.typ.as_deref()) {
+            return Err(Rejection::Invalid(
+                "the access token's type (typ) is not at+jwt",
             ));
         }
         if header.jku.is_some()
@@ -536,6 +555,18 @@ impl Keyring {
         }
         if c.nbf > now_s + NBF_LEEWAY_S {
             return Err(Rejection::Invalid("the access token is not valid yet"));
+        }
+        // A token this server signed lives at most the longest lifetime a policy allows and was
+        // not issued in the future: anything else was minted elsewhere with a stolen key.
+        if c.iat > now_s + NBF_LEEWAY_S {
+            return Err(Rejection::Invalid(
+                "the access token is issued in the future",
+            ));
+        }
+        if c.exp.saturating_sub(c.iat) > MAX_ACCESS_TOKEN_TTL_S as i64 {
+            return Err(Rejection::Invalid(
+                "the access token's lifetime exceeds the longest allowed",
+            ));
         }
         Ok(c)
     }
@@ -602,12 +633,16 @@ mod tests {
         let t = k.sign(&claims(t0(), 300), t0()).unwrap();
         assert!(k.verify(&t, t0().plus_secs(299)).is_ok());
         assert_eq!(k.verify(&t, t0().plus_secs(300)), Err(Rejection::Expired));
+        // Not before ten minutes from now (the lifetime from iat stays within the longest).
         let mut early = claims(t0(), 300);
-        early.nbf += 3600;
-        early.exp += 3600;
+        early.nbf += 600;
+        early.exp += 600;
         let t = k.sign(&early, t0()).unwrap();
-        assert!(matches!(k.verify(&t, t0()), Err(Rejection::Invalid(_))));
-        assert!(k.verify(&t, t0().plus_secs(3600)).is_ok());
+        assert_eq!(
+            k.verify(&t, t0()),
+            Err(Rejection::Invalid("the access token is not valid yet"))
+        );
+        assert!(k.verify(&t, t0().plus_secs(600)).is_ok());
     }
 
     #[test]
@@ -685,6 +720,80 @@ mod tests {
         for junk in ["", "a.b", "a.b.c", "...", "x.y.z.w"] {
             assert!(matches!(k.verify(junk, t0()), Err(Rejection::Invalid(_))));
         }
+    }
+
+    fn sign_with_header(k: &Keyring, h: serde_json::Value, c: &AccessClaims) -> String {
+        let key = &k.keys[0];
+        let head = b64(&h);
+        let body = b64(&serde_json::to_value(c).unwrap());
+        let input = format!("{head}.{body}");
+        let sig =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &key.encoding, key.alg.jose()).unwrap();
+        format!("{input}.{sig}")
+    }
+
+    #[test]
+    fn tokens_are_typed_at_jwt_and_other_types_are_refused() {
+        let (_, k) = ring(SigningAlg::EdDSA);
+        let c = claims(t0(), 300);
+        let t = k.sign(&c, t0()).unwrap();
+        let h = jsonwebtoken::decode_header(&t).unwrap();
+        assert_eq!(h.typ.as_deref(), Some("at+jwt"));
+        let kid = k.signing_kid(t0()).unwrap().to_owned();
+        // Tokens from before typing (typ JWT) and the media-type spelling are accepted.
+        for typ in ["JWT", "at+jwt", "application/at+jwt", "AT+JWT"] {
+            let t = sign_with_header(&k, json!({"alg": "EdDSA", "typ": typ, "kid": kid}), &c);
+            assert_eq!(k.verify(&t, t0()), Ok(c.clone()), "{typ}");
+        }
+        // Other types (an ID token, a logout token, a refresh token) and no type are refused.
+        for h in [
+            json!({"alg": "EdDSA", "typ": "id_token+jwt", "kid": kid}),
+            json!({"alg": "EdDSA", "typ": "logout+jwt", "kid": kid}),
+            json!({"alg": "EdDSA", "typ": "rt+jwt", "kid": kid}),
+            json!({"alg": "EdDSA", "kid": kid}),
+        ] {
+            let t = sign_with_header(&k, h.clone(), &c);
+            assert_eq!(
+                k.verify(&t, t0()),
+                Err(Rejection::Invalid(
+                    "the access token's type (typ) is not at+jwt"
+                )),
+                "{h}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_lived_or_future_tokens_minted_with_the_key_are_refused() {
+        let (_, k) = ring(SigningAlg::EdDSA);
+        // The longest lifetime a policy allows is fine.
+        let t = k.sign(&claims(t0(), 3600), t0()).unwrap();
+        assert!(k.verify(&t, t0()).is_ok());
+        // A ten-year token, as someone holding the private key could mint.
+        for ttl in [3601, 10 * 365 * 24 * 3600] {
+            let t = k.sign(&claims(t0(), ttl), t0()).unwrap();
+            assert_eq!(
+                k.verify(&t, t0()),
+                Err(Rejection::Invalid(
+                    "the access token's lifetime exceeds the longest allowed"
+                ))
+            );
+        }
+        // Issued in the future, beyond the leeway between clocks.
+        let mut c = claims(t0(), 300);
+        c.iat += 3600;
+        c.nbf = claims(t0(), 300).nbf;
+        let t = k.sign(&c, t0()).unwrap();
+        assert_eq!(
+            k.verify(&t, t0()),
+            Err(Rejection::Invalid(
+                "the access token is issued in the future"
+            ))
+        );
+        let mut c = claims(t0(), 300);
+        c.iat += NBF_LEEWAY_S;
+        let t = k.sign(&c, t0()).unwrap();
+        assert!(k.verify(&t, t0()).is_ok());
     }
 
     #[test]

@@ -230,6 +230,7 @@ impl SessionService {
         rec: &SessionRecord,
         policy: &Policy,
         issued: Timestamp,
+        aal: u8,
         jti: String,
         extra: Map<String, Value>,
     ) -> Result<Option<(String, Timestamp)>, CoreError> {
@@ -248,7 +249,7 @@ impl SessionService {
             nbf: iat,
             exp,
             auth_time: rec.auth.authenticated_at.as_millis().div_euclid(1000),
-            aal: rec.auth.aal,
+            aal,
             tenant: rec.tenant.to_string(),
             jti,
             rot: rec.rotations,
@@ -467,6 +468,15 @@ impl SessionService {
                 "auth.aal must be 1, 2 or 3".into(),
             ));
         }
+        // A password alone is one factor: NIST SP 800-63B allows it AAL 1 only. Other method
+        // names are the application's to choose, and so is the level they reach.
+        if aal > 1 && method.eq_ignore_ascii_case("password") {
+            return Err(CoreError::InvalidRequest(
+                "auth.aal above 1 needs a second factor: method password alone is AAL 1 \
+                 (name the method that was used, for example otp or webauthn)"
+                    .into(),
+            ));
+        }
         let authenticated_at = match a.authenticated_at {
             None => now,
             Some(t) => {
@@ -484,6 +494,32 @@ impl SessionService {
             aal,
             authenticated_at,
         })
+    }
+
+    /// Checks a create's authentication against the tenant's policy: an authentication event is
+    /// named when the policy requires one, and it is not older than the session could live.
+    fn check_auth_for_create(
+        input: Option<&api::AuthInput>,
+        auth: &AuthRecord,
+        policy: &Policy,
+        remember_me: bool,
+        now: Timestamp,
+    ) -> Result<(), CoreError> {
+        if policy.require_auth() && input.and_then(|a| a.method.as_ref()).is_none() {
+            return Err(CoreError::InvalidRequest(
+                "auth.method is required: this tenant's policy (require_auth) refuses sessions \
+                 without an authentication event"
+                    .into(),
+            ));
+        }
+        let absolute_s = policy.timeouts(remember_me).absolute_s;
+        if auth.authenticated_at.plus_secs(absolute_s) <= now {
+            return Err(CoreError::InvalidRequest(format!(
+                "auth.authenticated_at must be less than the session's absolute timeout \
+                 ({absolute_s} seconds) in the past"
+            )));
+        }
+        Ok(())
     }
 
     /// Creates a session for an authenticated user.
@@ -510,6 +546,12 @@ impl SessionService {
             self.cfg.max_data_bytes,
         )?;
         let policy = self.store.policy(&tenant).await?;
+        Self::check_auth_for_create(req.auth.as_ref(), &auth, &policy, req.remember_me, now)?;
+        // An earlier authentication may already be past its level's limits.
+        let auth = AuthRecord {
+            aal: policy.effective_aal(&auth, now, now),
+            ..auth
+        };
         let tokens = policy.tokens();
         let claims = match (&req.access_token_claims, tokens) {
             (Some(_), None) => {
@@ -564,7 +606,7 @@ impl SessionService {
                     None => URL_SAFE_NO_PAD.encode(crate::token::random_bytes::<16>()?),
                 };
                 let access = self
-                    .access_token(&record, &policy, now, jti, claims)
+                    .access_token(&record, &policy, now, record.auth.aal, jti, claims)
                     .await?;
                 let mut issued = self.issued(&StoredSession::new(record), &policy, token, now);
                 issued.access_token = access;
@@ -645,8 +687,14 @@ impl SessionService {
             }
             Err(e) => return Err(e),
         };
+        // Past its level's limits, the session counts as a lower level from now on: recorded at
+        // once, so that this use does not restart the inactivity the limit measures.
+        let aal = policy.effective_aal(&found.record.auth, found.last_seen_at, now);
+        if aal < found.record.auth.aal {
+            found = self.lower_aal(found, aal, now).await?;
+        }
         if let Some(r) = &req.require {
-            check_requirements(&found.record, r, now)?;
+            check_requirements(&found.record, aal, r, now)?;
         }
         if let Some(b) = policy.document().binding.as_ref()
             && let Some(what) = crate::device::binding_mismatch(b, &found.record.device, &client)
@@ -703,6 +751,42 @@ impl SessionService {
             now,
             location,
         })
+    }
+
+    /// Records that a session counts as assurance level `aal` from now on (below its recorded
+    /// level), with a `session.aal_lowered` event. A session changed meanwhile is left as it is.
+    async fn lower_aal(
+        &self,
+        found: StoredSession,
+        aal: u8,
+        now: Timestamp,
+    ) -> Result<StoredSession, CoreError> {
+        let rec = &found.record;
+        let mut details = Map::new();
+        details.insert("from_aal".into(), Value::from(rec.auth.aal));
+        details.insert("aal".into(), Value::from(aal));
+        let change = Rekey {
+            expect: Expect::Token(rec.token_hash),
+            token_hash: None,
+            refresh: None,
+            auth: Some(AuthRecord {
+                aal,
+                ..rec.auth.clone()
+            }),
+            event: EventKind::SessionAalLowered,
+            reason: None,
+            flag: None,
+            device: None,
+            details,
+        };
+        let audit = &self.scoped(&Audit::new(SYSTEM_ACTOR));
+        let handle = rec.handle.clone();
+        let out = match self.store.rotate(&handle, &change, now, audit).await? {
+            RotateOutcome::Rotated(s) => s,
+            RotateOutcome::Stale => found,
+        };
+        self.publish(audit);
+        Ok(out)
     }
 
     /// Finds the active session of a presented access token: signature, times, issuer and
@@ -793,6 +877,8 @@ impl SessionService {
                     "refresh tokens are off for this session's tenant".into(),
                 ));
             }
+            // The level counts the time since the last use before this refresh.
+            let aal = policy.effective_aal(&s.record.auth, s.last_seen_at, now);
             let reissued = match class {
                 Presented::RecentlySpent => state.reissue(&handle, &secret)?,
                 _ => None,
@@ -804,7 +890,11 @@ impl SessionService {
                         expect: Expect::Refresh(text),
                         token_hash: None,
                         refresh: Some(next.to_text()?),
-                        auth: None,
+                        // Lowered past its level's limits, for good (see verify).
+                        auth: (aal < s.record.auth.aal).then(|| AuthRecord {
+                            aal,
+                            ..s.record.auth.clone()
+                        }),
                         event: EventKind::SessionRefreshed,
                         reason: None,
                         flag: None,
@@ -853,11 +943,14 @@ impl SessionService {
         now: Timestamp,
         refresh_token: RefreshToken,
     ) -> Result<Refreshed, CoreError> {
+        // The session's level was lowered before this if it had to be.
+        let aal = policy.effective_aal(&s.record.auth, s.last_seen_at, issued);
         let (access_token, access_token_expires_at) = self
             .access_token(
                 &s.record,
                 policy,
                 issued,
+                aal,
                 state.jti(&s.record.handle),
                 state.claims.clone(),
             )

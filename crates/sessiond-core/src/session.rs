@@ -199,18 +199,19 @@ pub fn liveness_error(l: &Liveness) -> Option<CoreError> {
     }
 }
 
-/// Checks step-up requirements against an active session.
+/// Checks step-up requirements against an active session whose assurance level counts as
+/// `aal` now (see [`Policy::effective_aal`]).
 pub fn check_requirements(
     rec: &SessionRecord,
+    aal: u8,
     req: &api::Requirements,
     now: Timestamp,
 ) -> Result<(), CoreError> {
     if let Some(min) = req.min_aal
-        && rec.auth.aal < min
+        && aal < min
     {
         return Err(CoreError::ReauthenticationRequired(format!(
-            "this request needs assurance level {min}; the session has {}",
-            rec.auth.aal
+            "this request needs assurance level {min}; the session has {aal}"
         )));
     }
     if let Some(max_age) = req.max_auth_age_s
@@ -497,21 +498,21 @@ mod tests {
             max_auth_age_s: None,
         };
         assert!(matches!(
-            check_requirements(&r, &need_aal2, now),
+            check_requirements(&r, r.auth.aal, &need_aal2, now),
             Err(CoreError::ReauthenticationRequired(_))
         ));
         r.auth.aal = 2;
-        assert!(check_requirements(&r, &need_aal2, now).is_ok());
+        assert!(check_requirements(&r, r.auth.aal, &need_aal2, now).is_ok());
         let fresh = api::Requirements {
             min_aal: None,
             max_auth_age_s: Some(100),
         };
-        assert!(check_requirements(&r, &fresh, now).is_ok());
+        assert!(check_requirements(&r, 2, &fresh, now).is_ok());
         let fresher = api::Requirements {
             min_aal: None,
             max_auth_age_s: Some(99),
         };
-        assert!(check_requirements(&r, &fresher, now).is_err());
+        assert!(check_requirements(&r, 2, &fresher, now).is_err());
         assert!(
             validate_requirements(&api::Requirements {
                 min_aal: Some(4),

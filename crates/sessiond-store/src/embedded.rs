@@ -520,7 +520,7 @@ fn load(conn: &Connection, shared: &Shared) -> Result<usize, StoreError> {
             let (tenant, doc) = row.map_err(backend)?;
             let tenant = TenantId::parse(&tenant).map_err(backend)?;
             let doc = serde_json::from_str(&doc).map_err(backend)?;
-            policies.insert(tenant, Arc::new(Policy::new(doc).map_err(backend)?));
+            policies.insert(tenant, Arc::new(Policy::from_stored(doc).map_err(backend)?));
         }
     }
     *shared.policies.write() = policies;

@@ -304,7 +304,7 @@ impl PostgresStore {
         }
         let doc = serde_json::from_str(&d)
             .map_err(|e| StoreError::Backend(format!("stored policy: {e}")))?;
-        let policy = Policy::new(doc)
+        let policy = Policy::from_stored(doc)
             .map(Arc::new)
             .map_err(|e| StoreError::Backend(format!("stored policy: {e}")))?;
         self.inner

@@ -834,7 +834,7 @@ impl RedisStore {
             Some(d) => {
                 let doc = serde_json::from_str(&d)
                     .map_err(|e| StoreError::Backend(format!("stored policy: {e}")))?;
-                Policy::new(doc)
+                Policy::from_stored(doc)
                     .map(Arc::new)
                     .map_err(|e| StoreError::Backend(format!("stored policy: {e}")))
             }

@@ -456,6 +456,220 @@ async fn authenticated_at_in_the_future_is_refused_and_in_the_past_is_kept() {
     assert_eq!(s.auth.authenticated_at, now - chrono::Duration::hours(1));
 }
 
+fn authed(method: Option<&str>, aal: u8) -> Option<AuthInput> {
+    Some(AuthInput {
+        method: method.map(str::to_owned),
+        aal: Some(aal),
+        authenticated_at: None,
+    })
+}
+
+fn invalid_request(r: Result<sessiond_core::service::Issued, CoreError>, needle: &str) {
+    match r {
+        Err(CoreError::InvalidRequest(m)) => assert!(m.contains(needle), "{m} / {needle}"),
+        other => panic!("{needle}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn authenticated_at_older_than_the_sessions_absolute_timeout_is_refused() {
+    let f = fixture();
+    let now = f.clock.now().to_datetime();
+    let at = |ago_s: i64, remember_me: bool| CreateSessionRequest {
+        remember_me,
+        auth: Some(AuthInput {
+            authenticated_at: Some(now - chrono::Duration::seconds(ago_s)),
+            ..Default::default()
+        }),
+        ..create_req("u")
+    };
+    // A plain session lives 12 h: an authentication that old could not have started it.
+    assert!(
+        f.svc
+            .create(&at(43_199, false), &Audit::default())
+            .await
+            .is_ok()
+    );
+    invalid_request(
+        f.svc.create(&at(43_200, false), &Audit::default()).await,
+        "auth.authenticated_at",
+    );
+    invalid_request(
+        f.svc
+            .create(&at(10 * 365 * 86_400, false), &Audit::default())
+            .await,
+        "absolute timeout",
+    );
+    // A remember-me session lives 30 days.
+    assert!(
+        f.svc
+            .create(&at(43_200, true), &Audit::default())
+            .await
+            .is_ok()
+    );
+    invalid_request(
+        f.svc
+            .create(&at(30 * 86_400, true), &Audit::default())
+            .await,
+        "auth.authenticated_at",
+    );
+}
+
+#[tokio::test]
+async fn require_auth_refuses_sessions_without_an_authentication_event() {
+    let f = fixture();
+    // Off by default: the API lets auth be omitted.
+    assert!(
+        f.svc
+            .create(&create_req("u"), &Audit::default())
+            .await
+            .is_ok()
+    );
+    let doc = PolicyDocument {
+        require_auth: true,
+        ..PolicyDocument::default()
+    };
+    f.svc
+        .put_policy("default", doc, &Audit::default())
+        .await
+        .unwrap();
+    assert!(f.svc.policy("default").await.unwrap().require_auth);
+    invalid_request(
+        f.svc.create(&create_req("u"), &Audit::default()).await,
+        "auth.method is required",
+    );
+    let no_method = CreateSessionRequest {
+        auth: authed(None, 1),
+        ..create_req("u")
+    };
+    invalid_request(
+        f.svc.create(&no_method, &Audit::default()).await,
+        "require_auth",
+    );
+    let ok = CreateSessionRequest {
+        auth: authed(Some("webauthn"), 2),
+        ..create_req("u")
+    };
+    let s = f.svc.create(&ok, &Audit::default()).await.unwrap().session;
+    assert_eq!((s.auth.method.as_str(), s.auth.aal), ("webauthn", 2));
+}
+
+#[tokio::test]
+async fn a_password_alone_claims_at_most_aal_1() {
+    let f = fixture();
+    for (method, aal) in [("password", 2), ("password", 3), ("PASSWORD", 2)] {
+        let req = CreateSessionRequest {
+            auth: authed(Some(method), aal),
+            ..create_req("u")
+        };
+        invalid_request(f.svc.create(&req, &Audit::default()).await, "second factor");
+    }
+    for (method, aal) in [("password", 1), ("password.otp", 2), ("webauthn", 3)] {
+        let req = CreateSessionRequest {
+            auth: authed(Some(method), aal),
+            ..create_req("u")
+        };
+        assert!(
+            f.svc.create(&req, &Audit::default()).await.is_ok(),
+            "{method}"
+        );
+    }
+    let t = login(&f, "u").await;
+    let step = AuthInput {
+        method: Some("password".into()),
+        aal: Some(3),
+        authenticated_at: None,
+    };
+    invalid_request(
+        f.svc
+            .reauthenticate(&t, &step, None, &Audit::default())
+            .await,
+        "second factor",
+    );
+}
+
+async fn step_up(f: &Fixture, t: String, aal: u8) -> String {
+    let auth = AuthInput {
+        method: Some("webauthn".into()),
+        aal: Some(aal),
+        authenticated_at: None,
+    };
+    f.svc
+        .reauthenticate(&t, &auth, None, &Audit::default())
+        .await
+        .unwrap()
+        .token
+        .expose()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn assurance_levels_follow_nist_limits_and_remember_me_does_not_extend_them() {
+    let f = fixture();
+    let need = |token: &str, aal| VerifyRequest {
+        require: Some(Requirements {
+            max_auth_age_s: None,
+            min_aal: Some(aal),
+        }),
+        ..verify_req(token)
+    };
+    let reauth = |r: Result<_, CoreError>| matches!(r, Err(CoreError::ReauthenticationRequired(_)));
+    let req = CreateSessionRequest {
+        remember_me: true,
+        auth: authed(Some("webauthn"), 2),
+        ..create_req("u")
+    };
+    let t = f.svc.create(&req, &Audit::default()).await.unwrap();
+    let t = t.token.expose().to_owned();
+    // AAL 2: 30 minutes without use ends the level, not the remember-me session.
+    f.clock.advance_secs(1799);
+    assert!(f.svc.verify(&need(&t, 2)).await.is_ok());
+    f.clock.advance_secs(1800);
+    assert!(reauth(f.svc.verify(&need(&t, 2)).await));
+    // The next use, soon after, does not bring the level back: it was lowered for good.
+    assert!(f.svc.verify(&need(&t, 1)).await.is_ok());
+    assert!(reauth(f.svc.verify(&need(&t, 2)).await));
+    let lowered: Vec<_> = f
+        .events
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::SessionAalLowered)
+        .collect();
+    assert_eq!(lowered.len(), 1);
+    assert_eq!(lowered[0].details["from_aal"], 2);
+    assert_eq!(lowered[0].details["aal"], 1);
+    // Reauthenticated: AAL 2 again, kept by use for 12 hours from the authentication.
+    let t = step_up(&f, t, 2).await;
+    for _ in 0..35 {
+        f.clock.advance_secs(1200);
+        assert!(f.svc.verify(&need(&t, 2)).await.is_ok());
+    }
+    f.clock.advance_secs(1200);
+    assert!(reauth(f.svc.verify(&need(&t, 2)).await));
+    assert!(f.svc.verify(&verify_req(&t)).await.is_ok(), "still alive");
+    // AAL 3: 15 minutes without use drop it to AAL 2 (30 minutes), then to 1.
+    let t = step_up(&f, t, 3).await;
+    f.clock.advance_secs(899);
+    assert!(f.svc.verify(&need(&t, 3)).await.is_ok());
+    f.clock.advance_secs(900);
+    assert!(reauth(f.svc.verify(&need(&t, 3)).await));
+    assert!(f.svc.verify(&need(&t, 2)).await.is_ok());
+    f.clock.advance_secs(1800);
+    assert!(reauth(f.svc.verify(&need(&t, 2)).await));
+    assert!(reauth(f.svc.verify(&need(&t, 2)).await));
+    // The limits are the tenant's to tighten.
+    let mut doc = PolicyDocument::default();
+    doc.aal_timeouts.aal2.idle_timeout_s = 60;
+    doc.aal_timeouts.aal3.idle_timeout_s = 30;
+    f.svc
+        .put_policy("default", doc, &Audit::default())
+        .await
+        .unwrap();
+    let t = step_up(&f, t, 2).await;
+    f.clock.advance_secs(61);
+    assert!(reauth(f.svc.verify(&need(&t, 2)).await));
+}
+
 // ---- Token mode: access tokens, refresh rotation, theft detection, key rotation ----
 
 mod tokens {
@@ -982,5 +1196,91 @@ mod tokens {
                 .knows(&Keyring::kid_of(&jwt).unwrap())
         );
         assert!(t.f.svc.verify(&access_req(&jwt)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn access_tokens_are_typed_and_carry_the_aal_the_session_counts_as() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        let issued =
+            t.f.svc
+                .create(
+                    &CreateSessionRequest {
+                        user_id: "u".into(),
+                        remember_me: true,
+                        auth: authed(Some("webauthn"), 2),
+                        ..Default::default()
+                    },
+                    &Audit::default(),
+                )
+                .await
+                .unwrap();
+        let access = issued.access_token.unwrap().0;
+        let header = {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(access.split('.').next().unwrap())
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&raw).unwrap()
+        };
+        assert_eq!(header["typ"], "at+jwt");
+        assert_eq!(claims_of(&access)["aal"], 2);
+        let refresh = issued.refresh_token.unwrap().expose().to_owned();
+        // Refreshed within AAL 2's idle limit: still AAL 2.
+        t.f.clock.advance_secs(1000);
+        let r = t.f.svc.refresh(&refresh, &Audit::default()).await.unwrap();
+        assert_eq!(claims_of(&r.access_token)["aal"], 2);
+        // Refreshed after 30 minutes without use: the session lives on, at AAL 1.
+        t.f.clock.advance_secs(1800);
+        let audit = Audit::default();
+        let r2 =
+            t.f.svc
+                .refresh(r.refresh_token.expose(), &audit)
+                .await
+                .unwrap();
+        assert_eq!(claims_of(&r2.access_token)["aal"], 1);
+        assert_eq!(r2.session.auth.aal, 1, "lowered for good");
+        let need = VerifyRequest {
+            require: Some(Requirements {
+                max_auth_age_s: None,
+                min_aal: Some(2),
+            }),
+            ..access_req(&r2.access_token)
+        };
+        assert!(matches!(
+            t.f.svc.verify(&need).await,
+            Err(CoreError::ReauthenticationRequired(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn tokens_minted_with_a_stolen_key_for_too_long_or_from_the_future_are_refused() {
+        let t = fixture(SigningAlg::EdDSA).await;
+        let p = login(&t, "alice").await;
+        let now = t.f.clock.now();
+        let ring = t.keys.ensure(now).await.unwrap();
+        let mut c: sessiond_core::api::AccessClaims =
+            serde_json::from_value(claims_of(&p.access)).unwrap();
+        c.aal = 3;
+        let iat = c.iat;
+        // Ten years, as minted with the private key of the keyring.
+        c.exp = iat + 10 * 365 * 86_400;
+        let long = ring.sign(&c, now).unwrap();
+        match t.f.svc.verify(&access_req(&long)).await {
+            Err(CoreError::TokenInvalid(m)) => assert!(m.contains("lifetime"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Issued (and valid from) an hour from now.
+        c.iat = iat + 3600;
+        c.exp = c.iat + 300;
+        let future = ring.sign(&c, now).unwrap();
+        match t.f.svc.verify(&access_req(&future)).await {
+            Err(CoreError::TokenInvalid(m)) => assert!(m.contains("future"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // The longest lifetime a policy may set still verifies.
+        c.iat = iat;
+        c.exp = iat + 3600;
+        let fine = ring.sign(&c, now).unwrap();
+        assert!(t.f.svc.verify(&access_req(&fine)).await.is_ok());
     }
 }

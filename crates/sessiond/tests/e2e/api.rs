@@ -338,7 +338,12 @@ async fn policy_defaults_round_trips_and_applies() {
             "remember_me_absolute_timeout_s": 2592000,
             "max_sessions_per_user": null,
             "on_limit": "evict_oldest",
-            "cookie": {"name": "__Host-session", "domain": null, "path": "/", "same_site": "Lax", "secure": true}
+            "cookie": {"name": "__Host-session", "domain": null, "path": "/", "same_site": "Lax", "secure": true},
+            "require_auth": false,
+            "aal_timeouts": {
+                "aal2": {"idle_timeout_s": 1800, "absolute_timeout_s": 43200},
+                "aal3": {"idle_timeout_s": 900, "absolute_timeout_s": 43200}
+            }
         })
     );
     // Read-modify-write round-trips.

@@ -253,8 +253,15 @@ async fn session_codes_unknown_revoked_not_active_not_found() {
 
 async fn reauthentication_required_by_auth_age() {
     let s = Server::start();
+    // An hour before the server's now: within the session's absolute timeout, older than the
+    // 300 s asked below.
+    let first = s.post("/v1/sessions", json!({"user_id": "clock"})).await;
+    let server_now = first.body["session"]["created_at"].as_str().unwrap();
+    let an_hour_ago = (chrono::DateTime::parse_from_rfc3339(server_now).unwrap()
+        - chrono::Duration::hours(1))
+    .to_rfc3339();
     let r = s
-        .post("/v1/sessions", json!({"user_id": "old-auth", "auth": {"method": "password", "authenticated_at": "2020-01-01T00:00:00Z"}}))
+        .post("/v1/sessions", json!({"user_id": "old-auth", "auth": {"method": "password", "authenticated_at": an_hour_ago}}))
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let token = r.body["token"].as_str().unwrap();
@@ -302,6 +309,90 @@ async fn invalid_policies_are_refused() {
     );
 }
 
+async fn strict_policy_and_auth_input_name_the_field() {
+    let s = Server::start();
+    let ten_years_ago = "2016-01-01T00:00:00Z";
+    let policies = [
+        (
+            json!({"remember_me_absolute_timeout_s": 315_360_000}),
+            "remember_me_absolute_timeout_s",
+        ),
+        (
+            json!({"cookie": {"name": "sid", "domain": "com"}}),
+            "cookie.domain",
+        ),
+        (
+            json!({"cookie": {"name": "sid", "domain": "co.uk"}}),
+            "cookie.domain",
+        ),
+        (
+            json!({"cookie": {"name": "sid", "domain": ".example.com"}}),
+            "cookie.domain",
+        ),
+        (
+            json!({"cookie": {"name": "sid", "domain": "192.168.1.1"}}),
+            "cookie.domain",
+        ),
+        (
+            json!({"cookie": {"name": "sid", "domain": "example.com", "secure": false}}),
+            "cookie.domain",
+        ),
+        (
+            json!({"aal_timeouts": {"aal2": {"idle_timeout_s": 0, "absolute_timeout_s": 60}}}),
+            "aal_timeouts.aal2.idle_timeout_s",
+        ),
+    ];
+    for (doc, field) in policies {
+        let r = s
+            .call(Method::PUT, "/v1/tenants/t/policy", Some(doc.clone()))
+            .await;
+        r.problem(400, "invalid_policy");
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(detail.contains(field), "{doc}: {detail}");
+        for v in ["co.uk", "example.com", "192.168.1.1"] {
+            assert!(!detail.contains(v), "{doc} echoed in {detail}");
+        }
+    }
+    // The per-assurance-level limits round-trip.
+    let doc = json!({"aal_timeouts": {
+        "aal2": {"idle_timeout_s": 600, "absolute_timeout_s": 3600},
+        "aal3": {"idle_timeout_s": 300, "absolute_timeout_s": 3600}
+    }, "require_auth": true});
+    let put = s
+        .call(Method::PUT, "/v1/tenants/t/policy", Some(doc.clone()))
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text);
+    let got = s.get("/v1/tenants/t/policy").await.body;
+    assert_eq!(got["aal_timeouts"], doc["aal_timeouts"]);
+    assert_eq!(got["require_auth"], true);
+
+    let creates = [
+        (
+            json!({"user_id": "u", "auth": {"method": "webauthn", "authenticated_at": ten_years_ago}}),
+            "auth.authenticated_at",
+        ),
+        (
+            json!({"user_id": "u", "auth": {"method": "password", "aal": 3}}),
+            "auth.aal",
+        ),
+        (json!({"user_id": "u", "tenant": "t"}), "auth.method"),
+    ];
+    for (body, field) in creates {
+        let r = s.post("/v1/sessions", body.clone()).await;
+        r.problem(400, "invalid_request");
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(detail.contains(field), "{body}: {detail}");
+        assert!(!detail.contains("2016"), "{detail}");
+    }
+    let ok = s
+        .post(
+            "/v1/sessions",
+            json!({"user_id": "u", "tenant": "t", "auth": {"method": "webauthn", "aal": 2}}),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::CREATED, "{}", ok.text);
+}
+
 crate::on_every_store!(
     missing_or_wrong_api_key_is_unauthorized_everywhere_but_health,
     bad_input_is_a_4xx_problem_never_a_5xx,
@@ -310,4 +401,5 @@ crate::on_every_store!(
     session_codes_unknown_revoked_not_active_not_found,
     reauthentication_required_by_auth_age,
     invalid_policies_are_refused,
+    strict_policy_and_auth_input_name_the_field,
 );

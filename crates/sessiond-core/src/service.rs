@@ -1023,7 +1023,7 @@ impl SessionService {
                     ),
                 };
                 let access = self
-                    .access_token(&s.record, &policy, now, jti, claims)
+                    .access_token(&s.record, &policy, now, s.record.auth.aal, jti, claims)
                     .await?;
                 let mut issued = self.issued(&s, &policy, new_token, now);
                 issued.access_token = access;

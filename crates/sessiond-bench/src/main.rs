@@ -29,6 +29,7 @@ mod peers;
 mod pin;
 mod refresh;
 mod scale;
+mod slow_clients;
 mod soak;
 mod stats;
 mod stores;
@@ -69,12 +70,36 @@ enum Command {
     /// Mixed traffic against a real sessiond for a bounded time: memory, open descriptors and
     /// latency over time, then an overload burst (exits non-zero on errors or growth).
     Soak(SoakArgs),
+    /// Half-open connections held against a real sessiond (one address past the per-peer
+    /// cap, then many addresses up to the global cap): /healthz and verify latency from
+    /// 127.0.0.1 and resident memory meanwhile (exits non-zero if a legitimate request fails).
+    SlowClients(SlowClientsArgs),
     /// In-process verify and resident memory per session with 10 k, 1 M and 10 M stored
     /// sessions, each size in a child process.
     Scale(scale::ScaleArgs),
     /// One size of `scale` (run by `scale` in a child process).
     #[command(hide = true)]
     ScaleChild(scale::ChildArgs),
+}
+
+/// Flags of `slow-clients`.
+#[derive(Debug, Args)]
+struct SlowClientsArgs {
+    /// Half-open connections tried from 127.0.0.2.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    connections: u64,
+    /// The server's `max_connections_per_peer`.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    per_peer: u64,
+    /// The server's `max_connections`.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Requests of each kind measured while the connections are held.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    samples: u64,
+    /// The sessiond binary (default: `sessiond` beside this one).
+    #[arg(long)]
+    bin: Option<std::path::PathBuf>,
 }
 
 /// Flags of `soak`.
@@ -575,6 +600,22 @@ fn main() -> anyhow::Result<()> {
                     o.healthy
                 );
             }
+            Ok(())
+        }
+        Command::SlowClients(a) => {
+            let report = slow_clients::run(&slow_clients::Settings {
+                bin: sessiond_bin(a.bin)?,
+                connections: count(a.connections)?,
+                per_peer: count(a.per_peer)?,
+                max_connections: count(a.max_connections)?,
+                samples: count(a.samples)?,
+            })?;
+            report.print();
+            anyhow::ensure!(
+                report.failures == 0,
+                "{} legitimate requests failed while the connections were held",
+                report.failures
+            );
             Ok(())
         }
         Command::Scale(a) => {

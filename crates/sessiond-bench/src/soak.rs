@@ -320,6 +320,11 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
             "SESSIOND_PROTECTION__ENABLED".to_owned(),
             "false".to_owned(),
         ),
+        // Every load connection comes from 127.0.0.1: one peer, past the default per-peer cap.
+        (
+            "SESSIOND_MAX_CONNECTIONS_PER_PEER".to_owned(),
+            "100000".to_owned(),
+        ),
     ];
     env.extend(store_env(&config));
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -70,8 +70,26 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// Milliseconds a request may take before it is answered `503 request_timeout`.
     pub request_timeout_ms: u64,
-    /// Open client connections at once; past it new connections wait to be accepted.
+    /// Open client connections at once on the API listener; past it new connections are
+    /// closed as soon as accepted.
     pub max_connections: usize,
+    /// Open client connections at once from one peer address on the API listener; past it
+    /// that address's new connections are closed as soon as accepted.
+    pub max_connections_per_peer: usize,
+    /// Milliseconds a connection has to send a complete request head, from being accepted
+    /// (TLS handshake included) or, on HTTP/1.1 keep-alive, from the end of the last response.
+    pub header_read_timeout_ms: u64,
+    /// Milliseconds a connection may stay open with no request in progress and no traffic.
+    pub idle_timeout_ms: u64,
+    /// Largest request head, in bytes (HTTP/1.1 answers `431` past it).
+    pub max_header_bytes: usize,
+    /// Accept cleartext HTTP/2 with prior knowledge (HTTP/2 over TLS is negotiated by ALPN).
+    pub http2_cleartext: bool,
+    /// A second listener serving only `/healthz`, `/readyz` and `/metrics`, outside the API
+    /// listener's connection caps.
+    pub health_listen: Option<SocketAddr>,
+    /// TLS of the listeners (`[tls]`).
+    pub tls: TlsConfig,
     /// Log format.
     pub log_format: LogFormat,
     /// The policy of tenants that have none of their own.
@@ -89,6 +107,29 @@ pub struct Config {
     /// A MaxMind-format city database (`.mmdb`, such as GeoLite2 City): sessions show their
     /// location, and policies may enable impossible-travel detection. Off without one.
     pub geoip_db: Option<PathBuf>,
+}
+
+/// TLS of the listeners (`[tls]`): on when both files are set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// Seconds between checks of the files' modification times (a change reloads them, as
+    /// does `SIGHUP`).
+    pub reload_interval_s: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            reload_interval_s: 5,
+        }
+    }
 }
 
 /// Brute-force and creation limits (`[protection]`), counted per node.
@@ -391,6 +432,13 @@ impl std::fmt::Debug for Config {
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .field("max_header_bytes", &self.max_header_bytes)
+            .field("http2_cleartext", &self.http2_cleartext)
+            .field("health_listen", &self.health_listen)
+            .field("tls", &self.tls)
             .field("log_format", &self.log_format)
             .field("default_policy", &self.default_policy)
             .field("jwt", &self.jwt)
@@ -425,6 +473,13 @@ impl Default for Config {
             max_concurrent_requests: 1024,
             request_timeout_ms: 10_000,
             max_connections: 8192,
+            max_connections_per_peer: 128,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_header_bytes: 32 * 1024,
+            http2_cleartext: false,
+            health_listen: None,
+            tls: TlsConfig::default(),
             log_format: LogFormat::Text,
             default_policy: PolicyDocument::default(),
             jwt: JwtConfig::default(),
@@ -605,6 +660,24 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.max_connections) {
             return bad("max_connections: between 1 and 1000000".into());
+        }
+        if !(1..=1_000_000).contains(&self.max_connections_per_peer) {
+            return bad("max_connections_per_peer: between 1 and 1000000".into());
+        }
+        if !(100..=600_000).contains(&self.header_read_timeout_ms) {
+            return bad("header_read_timeout_ms: between 100 and 600000".into());
+        }
+        if !(100..=3_600_000).contains(&self.idle_timeout_ms) {
+            return bad("idle_timeout_ms: between 100 and 3600000".into());
+        }
+        if !(8192..=1024 * 1024).contains(&self.max_header_bytes) {
+            return bad("max_header_bytes: between 8192 and 1048576".into());
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return bad("tls.cert_file and tls.key_file: set both or neither".into());
+        }
+        if !(1..=3600).contains(&self.tls.reload_interval_s) {
+            return bad("tls.reload_interval_s: between 1 and 3600".into());
         }
         crate::StoreUrl::parse(self.store.as_deref())?;
         self.jwt.signing_alg()?;
@@ -839,6 +912,12 @@ mod tests {
             ("max_concurrent_requests = 0", "max_concurrent_requests"),
             ("request_timeout_ms = 5", "request_timeout_ms"),
             ("max_connections = 0", "max_connections"),
+            ("max_connections_per_peer = 0", "max_connections_per_peer"),
+            ("header_read_timeout_ms = 5", "header_read_timeout_ms"),
+            ("idle_timeout_ms = 5", "idle_timeout_ms"),
+            ("max_header_bytes = 1024", "max_header_bytes"),
+            ("[tls]\ncert_file = \"c.pem\"", "tls.key_file"),
+            ("[tls]\nreload_interval_s = 0", "tls.reload_interval_s"),
             ("store_timeout_ms = 10", "store_timeout_ms"),
             ("[jwt]\nalgorithm = \"HS256\"", "jwt.algorithm"),
             ("[jwt]\nreload_interval_s = 0", "jwt.reload_interval_s"),

@@ -128,10 +128,7 @@ impl FromRequestParts<AppState> for Admin {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(bearer)
             .map(str::trim);
         let reason = match presented {
             None => "missing_api_key",
@@ -250,4 +247,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for StrictQuery<T>
                 ApiError::InvalidRequest(format!("invalid query string: {}", e.body_text()))
             })
     }
+}
+
+/// The credentials of an `Authorization: Bearer <credentials>` value; the scheme name is
+/// case-insensitive (RFC 9110, section 11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(rest)
 }

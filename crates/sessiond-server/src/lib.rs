@@ -7,6 +7,7 @@
 //! - [`error`]: the single mapping of errors to problem responses.
 //! - [`openapi`]: the OpenAPI document of the API, served at `/openapi.json`.
 //! - [`metrics`]: Prometheus metrics, served at `/metrics`.
+//! - [`listen`]: the accept loop, connection caps and timeouts; [`tls`]: TLS and its reloads.
 
 pub mod config;
 pub mod error;
@@ -14,8 +15,10 @@ pub mod extract;
 pub mod geoip;
 pub mod handlers;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod openapi;
+pub mod tls;
 pub mod webhooks;
 
 use std::future::Future;
@@ -185,6 +188,17 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(x_request_id, RequestIds::new()))
 }
 
+/// The app of the health listener: `/healthz`, `/readyz` and `/metrics` only.
+pub fn health_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
 async fn fallback() -> ApiError {
     ApiError::NotFound
 }
@@ -334,6 +348,7 @@ pub struct Server {
     state: AppState,
     store: Arc<dyn SessionStore>,
     config: Config,
+    tls: Option<tls::Tls>,
 }
 
 impl Server {
@@ -345,6 +360,10 @@ impl Server {
     /// As [`Server::new`], with a clock of the caller's.
     pub async fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, ServerError> {
         config.validate()?;
+        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) => Some(tls::Tls::new(cert, key)?),
+            _ => None,
+        };
         let (keys, generated) = config.api_keys()?;
         if let Some(path) = generated {
             tracing::warn!(
@@ -467,6 +486,7 @@ impl Server {
             state,
             store,
             config,
+            tls,
         })
     }
 
@@ -494,30 +514,85 @@ impl Server {
             self.state.service.clone(),
             self.config.jwt.reload_interval_s,
         ));
-        let app = router(self.state.clone());
-        let max_connections = self.config.max_connections;
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let graceful = {
-            let mut stop_rx = stop_rx.clone();
-            async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
+        let api_addr = listener.local_addr()?;
+        // Bound before anything is served, so a bad address stops the start-up.
+        let health = match self.config.health_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr).await.map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("health_listen: cannot listen on {addr}: {e}"),
+                    )
+                })?;
+                tracing::info!(addr = %l.local_addr()?, "health checks listening");
+                Some(l)
             }
+            None => None,
         };
-        let server = tokio::spawn(async move {
-            let listener = limits::LimitedListener::new(listener, max_connections);
-            axum::serve(listener, app)
-                .with_graceful_shutdown(graceful)
-                .await
+        if self.tls.is_none() && !api_addr.ip().is_loopback() {
+            tracing::warn!(
+                addr = %api_addr,
+                "listening on a non-loopback address without TLS: API keys and session tokens \
+                 cross the network in clear; set tls.cert_file and tls.key_file, or keep \
+                 sessiond behind a TLS-terminating proxy on a private network"
+            );
+        }
+        let tls_reloader = self.tls.clone().map(|t| {
+            tokio::spawn(t.reload_loop(Duration::from_secs(self.config.tls.reload_interval_s)))
         });
+        let c = &self.config;
+        let api_limits = listen::ConnLimits {
+            header_read_timeout: Duration::from_millis(c.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+            max_header_bytes: c.max_header_bytes,
+            max_connections: Some(c.max_connections),
+            max_connections_per_peer: Some(c.max_connections_per_peer),
+            http2_cleartext: c.http2_cleartext,
+        };
+        let acceptor = self.tls.as_ref().map(|t| t.acceptor.clone());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut servers = vec![tokio::spawn(listen::serve(
+            listen::Endpoint {
+                listener,
+                app: router(self.state.clone()),
+                limits: api_limits,
+                tls: acceptor.clone(),
+                metrics: Some(self.state.metrics.clone()),
+            },
+            stop_rx.clone(),
+        ))];
+        if let Some(listener) = health {
+            servers.push(tokio::spawn(listen::serve(
+                listen::Endpoint {
+                    listener,
+                    app: health_router(self.state.clone()),
+                    limits: listen::ConnLimits {
+                        max_connections: None,
+                        max_connections_per_peer: None,
+                        ..api_limits
+                    },
+                    tls: acceptor,
+                    metrics: None,
+                },
+                stop_rx,
+            )));
+        }
         shutdown.await;
         tracing::info!("shutting down: draining in-flight requests");
         let _ = stop_tx.send(true);
         let drain = Duration::from_secs(self.config.shutdown_timeout_s);
-        match tokio::time::timeout(drain, server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
-            Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
-            Err(_) => tracing::warn!("in-flight requests did not finish in time"),
+        let all = async {
+            for s in servers {
+                if let Err(e) = s.await {
+                    tracing::error!(error = %e, "server task failed");
+                }
+            }
+        };
+        if tokio::time::timeout(drain, all).await.is_err() {
+            tracing::warn!("in-flight requests did not finish in time");
+        }
+        if let Some(r) = tls_reloader {
+            r.abort();
         }
         sweeper.abort();
         reloader.abort();

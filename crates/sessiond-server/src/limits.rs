@@ -2,24 +2,16 @@
 //!
 //! - a cap on requests in progress: past it, a request is refused at once with `503 overloaded`
 //!   and `Retry-After`, without queueing (a queue only converts overload into latency);
-//! - a request timeout: a request still running after it is answered `503 request_timeout`;
-//! - a cap on open connections: past it, the server stops accepting until one closes (new
-//!   connections wait in the kernel's backlog), so file descriptors and per-connection memory
-//!   stay bounded.
+//! - a request timeout: a request still running after it is answered `503 request_timeout`.
+//!
+//! The caps on open connections (in total and per peer address) are the accept loop's, in
+//! [`crate::listen`].
 
-use std::io;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::response::{IntoResponse, Response};
-use axum::serve::Listener;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{BoxError, ServiceBuilder};
 
 use crate::error::ApiError;
@@ -61,94 +53,6 @@ async fn refusal(e: BoxError) -> Response {
             "load-limit layer".into(),
         ))
         .into_response()
-    }
-}
-
-/// A TCP listener that keeps at most `max` connections open.
-pub struct LimitedListener {
-    inner: TcpListener,
-    slots: Arc<Semaphore>,
-}
-
-impl LimitedListener {
-    /// Accepts from `inner`, at most `max` connections open at once.
-    pub fn new(inner: TcpListener, max: usize) -> Self {
-        Self {
-            inner,
-            slots: Arc::new(Semaphore::new(max)),
-        }
-    }
-}
-
-impl Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // The semaphore is never closed, so acquiring only waits; if it ever failed, accepting
-        // without a slot is the lesser evil than stopping the server.
-        let slot = self.slots.clone().acquire_owned().await.ok();
-        let (stream, addr) = Listener::accept(&mut self.inner).await;
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-        (
-            LimitedStream {
-                stream,
-                _slot: slot,
-            },
-            addr,
-        )
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// An accepted connection holding its slot until it is dropped.
-pub struct LimitedStream {
-    stream: TcpStream,
-    _slot: Option<OwnedSemaphorePermit>,
-}
-
-impl AsyncRead for LimitedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for LimitedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -236,22 +140,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
-    }
-
-    #[tokio::test]
-    async fn the_listener_holds_connections_at_the_cap() {
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let mut listener = LimitedListener::new(tcp, 1);
-        let _c1 = TcpStream::connect(addr).await.unwrap();
-        let (first, _) = listener.accept().await;
-        let _c2 = TcpStream::connect(addr).await.unwrap();
-        // The second connection waits in the backlog while the first is open...
-        let waiting = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
-        assert!(waiting.is_err(), "accepted past the cap");
-        // ...and is accepted once the first closes.
-        drop(first);
-        let second = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
-        assert!(second.is_ok(), "not accepted after a slot freed");
     }
 }

@@ -75,6 +75,16 @@ struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShedLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimeoutLabels {
+    timeout: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     operation: &'static str,
 }
@@ -102,6 +112,9 @@ pub struct Metrics {
     cache_lookups: Family<CacheLabels, Counter>,
     cache_invalidations: Counter,
     cache_trusted: Gauge,
+    connections_open: Gauge,
+    connections_shed: Family<ShedLabels, Counter>,
+    connections_timeouts: Family<TimeoutLabels, Counter>,
     known_tenants: parking_lot::Mutex<std::collections::HashSet<String>>,
     counted_at: std::sync::atomic::AtomicI64,
     /// Route templates and their labels, made once per route rather than once per request.
@@ -212,8 +225,32 @@ impl Metrics {
             "1 while the session cache's change feed is subscribed and the cache may answer",
             cache_trusted.clone(),
         );
+        let connections_open = Gauge::default();
+        let connections_shed = Family::<ShedLabels, Counter>::default();
+        let connections_timeouts = Family::<TimeoutLabels, Counter>::default();
+        registry.register(
+            "connections_open",
+            "Client connections open on the API listener",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_shed",
+            "Connections to the API listener closed as soon as accepted, by reason (per_peer: \
+             the peer address holds max_connections_per_peer; max_connections: the listener \
+             holds max_connections)",
+            connections_shed.clone(),
+        );
+        registry.register(
+            "connections_timeouts",
+            "Connections closed by a timeout, by timeout (header: no complete request head in \
+             header_read_timeout_ms; idle: no traffic and no request in idle_timeout_s)",
+            connections_timeouts.clone(),
+        );
         Self {
             registry,
+            connections_open,
+            connections_shed,
+            connections_timeouts,
             cache_lookups,
             cache_invalidations,
             cache_trusted,
@@ -247,6 +284,25 @@ impl Metrics {
     pub fn verified(&self, token: &'static str, outcome: &'static str) {
         self.verifies
             .get_or_create(&VerifyLabels { token, outcome })
+            .inc();
+    }
+
+    /// Adds `delta` to the open connections of the API listener.
+    pub fn connections_open(&self, delta: i64) {
+        self.connections_open.inc_by(delta);
+    }
+
+    /// Counts a connection closed at once: `reason` is `per_peer` or `max_connections`.
+    pub fn connection_shed(&self, reason: &'static str) {
+        self.connections_shed
+            .get_or_create(&ShedLabels { reason })
+            .inc();
+    }
+
+    /// Counts a connection closed by a timeout: `timeout` is `header` or `idle`.
+    pub fn connection_timed_out(&self, timeout: &'static str) {
+        self.connections_timeouts
+            .get_or_create(&TimeoutLabels { timeout })
             .inc();
     }
 

@@ -343,6 +343,17 @@ impl Server {
         }
     }
 
+    /// Sends a signal (`HUP`, `TERM`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().map(Child::id).unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
     /// Starts the server again on the same data directory, key and log.
     pub fn restart(&mut self) {
         self.kill9();

@@ -197,6 +197,8 @@ impl Proxied {
     async fn server(&self, env: &[(&str, &str)]) -> Server {
         let mut env = env.to_vec();
         env.push(("SESSIOND_STORE", &self.url));
+        // The bursts come from one address, standing for many clients.
+        env.push(("SESSIOND_MAX_CONNECTIONS_PER_PEER", "10000"));
         BACKEND
             .scope(self.backend, async { Server::start_with(&env) })
             .await

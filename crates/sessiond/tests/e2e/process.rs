@@ -108,7 +108,7 @@ async fn sigterm_shuts_down_gracefully_and_keeps_last_seen() {
     );
 }
 
-fn run_serve(env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
+pub(crate) fn run_serve(env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])

@@ -227,6 +227,7 @@ enum Cmd {
         patch: Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        audit: Audit,
         reply: Reply<DataUpdate>,
     },
     PutPolicy {
@@ -1078,6 +1079,7 @@ fn apply(
             patch,
             limit,
             now,
+            audit,
             reply,
         } => {
             let r = (|| {
@@ -1100,6 +1102,8 @@ fn apply(
                 let mut new = rec;
                 new.data = data.into();
                 new.last_seen_at = ls;
+                let e = audit.data_updated(now, &new, &patch);
+                record_events(tx, &audit, vec![e], effects)?;
                 staged.put(entry, new.clone(), effects);
                 Ok(DataUpdate::Updated(stored(new)))
             })();
@@ -1596,6 +1600,7 @@ impl SessionStore for EmbeddedStore {
         patch: &Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<DataUpdate, StoreError> {
         self.shared.check()?;
         let (handle, patch) = (handle.clone(), patch.clone());
@@ -1604,6 +1609,7 @@ impl SessionStore for EmbeddedStore {
             patch,
             limit,
             now,
+            audit: audit.clone(),
             reply,
         })
         .await

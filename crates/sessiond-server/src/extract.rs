@@ -151,9 +151,9 @@ impl FromRequestParts<AppState> for Admin {
             .map_or("unmatched", |p| p.as_str())
             .to_owned();
         // The TCP peer (the application's host, or a proxy in front of it).
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
+        let peer = ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
+            .await
+            .ok()
             .map(|c| c.0.ip());
         state
             .auth_failures

@@ -578,7 +578,10 @@ async fn webhook_changes_step_up_denials_and_request_ids_are_recorded_safely() {
         "newest first"
     );
     let text = serde_json::to_string(&evs).unwrap();
-    assert!(!text.contains(&secret) && !text.contains("audit-x"), "{text}");
+    assert!(
+        !text.contains(&secret) && !text.contains("audit-x"),
+        "{text}"
+    );
     assert!(evs.iter().any(|e| e["details"]["webhook"] == "audit-hook"));
 
     // Step-up: a valid session that does not meet `require` is refused and recorded.
@@ -616,8 +619,17 @@ async fn webhook_changes_step_up_denials_and_request_ids_are_recorded_safely() {
         .unwrap();
     let echoed = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert!(echoed.len() <= 64);
-    let failed = wait_for(&s, "?type=auth.failed", 1).await;
-    assert_eq!(failed[0]["request_id"], echoed.as_str());
+    // Four requests without a key: each recorded with the id it was answered under.
+    let failed = wait_for(&s, "?type=auth.failed", 4).await;
+    assert!(
+        failed.iter().any(|e| e["request_id"] == echoed.as_str()),
+        "{failed:?}"
+    );
+    assert!(failed.iter().any(|e| e["request_id"] == "req-1.a:b_C"));
+    for e in &failed {
+        let id = e["request_id"].as_str().unwrap();
+        assert!(id.len() <= 64 && !id.contains('<'), "{id:.80}");
+    }
     // Obs-text bytes are not echoed either.
     let r = s
         .raw(Method::GET, "/healthz")

@@ -438,7 +438,10 @@ pub struct Event {
     #[serde(with = "timestamp")]
     pub time: DateTime<Utc>,
     /// `session.created`, `session.rotated`, `session.reauthenticated`, `session.refreshed`,
-    /// `session.revoked`, `session.expired`, `policy.updated`, `auth.failed`, `security.*`.
+    /// `session.revoked`, `session.expired`, `session.data_updated`, `policy.updated`,
+    /// `webhook.created`, `webhook.updated`, `webhook.deleted`, `keys.rotated`, `auth.failed`,
+    /// `security.brute_force`, `security.invalid_token`, `security.create_throttled`,
+    /// `security.step_up_denied`, `security.binding_mismatch`, `security.impossible_travel`.
     #[serde(rename = "type")]
     pub event_type: String,
     /// The tenant.

@@ -245,7 +245,16 @@ async fn logout_and_revoke_and_force_logout() {
             (EventKind::SessionCreated, None),
             (EventKind::SessionCreated, None),
             (EventKind::SessionRevoked, Some("logout".into())),
+            // Presenting a revoked token is recorded (never the token).
+            (
+                EventKind::SecurityInvalidToken,
+                Some("session_revoked".into())
+            ),
             (EventKind::SessionRevoked, Some("force_logout".into())),
+            (
+                EventKind::SecurityInvalidToken,
+                Some("session_revoked".into())
+            ),
             (EventKind::SessionRevoked, Some("admin".into())),
         ]
     );

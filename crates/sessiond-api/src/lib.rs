@@ -451,8 +451,11 @@ pub struct Event {
     #[serde(with = "timestamp")]
     pub time: DateTime<Utc>,
     /// `session.created`, `session.rotated`, `session.reauthenticated`, `session.refreshed`,
-    /// `session.revoked`, `session.aal_lowered`, `session.expired`, `policy.updated`,
-    /// `auth.failed`, `security.*`.
+    /// `session.revoked`, `session.aal_lowered`, `session.expired`, `session.data_updated`,
+    /// `policy.updated`, `webhook.created`, `webhook.updated`, `webhook.deleted`, `keys.rotated`,
+    /// `auth.failed`, `security.brute_force`, `security.invalid_token`,
+    /// `security.create_throttled`, `security.step_up_denied`, `security.binding_mismatch`,
+    /// `security.impossible_travel`.
     #[serde(rename = "type")]
     pub event_type: String,
     /// The tenant.
@@ -707,8 +710,8 @@ pub struct PolicyDocument {
     #[serde(default = "d_rm_abs")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 34_560_000))]
     pub remember_me_absolute_timeout_s: u64,
-    /// At most this many active sessions per user; `null` for no limit.
-    #[serde(default)]
+    /// At most this many active sessions per user (100 when absent); `null` for no limit.
+    #[serde(default = "d_max_sessions")]
     pub max_sessions_per_user: Option<u32>,
     /// What happens at the limit.
     #[serde(default)]
@@ -963,6 +966,15 @@ fn d_rm_abs() -> u64 {
     2_592_000
 }
 
+/// The default per-user session limit: more than real applications reach, so that a flood of
+/// logins for one account cannot grow without bound.
+pub const DEFAULT_MAX_SESSIONS_PER_USER: u32 = 100;
+
+#[allow(clippy::unnecessary_wraps)]
+fn d_max_sessions() -> Option<u32> {
+    Some(DEFAULT_MAX_SESSIONS_PER_USER)
+}
+
 impl Default for PolicyDocument {
     fn default() -> Self {
         Self {
@@ -970,7 +982,7 @@ impl Default for PolicyDocument {
             absolute_timeout_s: d_abs(),
             remember_me_idle_timeout_s: d_rm_idle(),
             remember_me_absolute_timeout_s: d_rm_abs(),
-            max_sessions_per_user: None,
+            max_sessions_per_user: d_max_sessions(),
             on_limit: OnLimit::EvictOldest,
             cookie: CookiePolicy::default(),
             tokens: None,
@@ -1042,6 +1054,12 @@ pub mod codes {
     /// `429`: too many failed verifications from this client network, or too many sessions
     /// created for this user or from this network; retry after the `Retry-After` seconds.
     pub const TOO_MANY_ATTEMPTS: &str = "too_many_attempts";
+    /// `507`: the server holds as many live sessions as it is configured to
+    /// (`limits.max_sessions`); no session can be created until some end.
+    pub const SESSION_CAPACITY_REACHED: &str = "session_capacity_reached";
+    /// `429`: the tenant holds as many live sessions as it may
+    /// (`limits.max_sessions_per_tenant`).
+    pub const TENANT_SESSION_LIMIT: &str = "tenant_session_limit";
     /// `503`: the store cannot be reached; the server fails closed.
     pub const STORE_UNAVAILABLE: &str = "store_unavailable";
     /// `500`: an internal error (details are in the server log under the request id).

@@ -26,6 +26,12 @@ pub enum CoreError {
     /// The user is at the session limit and the policy denies more.
     #[error("the user has reached the maximum number of sessions")]
     SessionLimitReached,
+    /// The node holds as many live sessions as it is configured to.
+    #[error("the server holds as many sessions as it is configured to; try again later")]
+    SessionCapacityReached,
+    /// The tenant holds as many live sessions as it may.
+    #[error("the tenant holds as many sessions as it may")]
+    TenantSessionLimit,
     /// The session is not active.
     #[error("the session is not active")]
     SessionNotActive,

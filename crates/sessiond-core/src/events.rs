@@ -46,11 +46,27 @@ pub enum EventKind {
     SecurityBindingMismatch,
     /// A user's sessions were used from places too far apart for the time between.
     SecurityImpossibleTravel,
+    /// A session's data was changed (the details name the keys, never their values).
+    SessionDataUpdated,
+    /// A webhook was added through the API.
+    WebhookCreated,
+    /// A webhook was replaced through the API.
+    WebhookUpdated,
+    /// A webhook was deleted through the API.
+    WebhookDeleted,
+    /// A signing key was added to the keyring.
+    KeysRotated,
+    /// A session creation was refused by a creation limit.
+    SecurityCreateThrottled,
+    /// A valid session was refused for not meeting a step-up requirement.
+    SecurityStepUpDenied,
+    /// An unknown, tampered or revoked token was presented.
+    SecurityInvalidToken,
 }
 
 impl EventKind {
     /// Every kind.
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 20] = [
         Self::SessionCreated,
         Self::SessionRotated,
         Self::SessionReauthenticated,
@@ -63,6 +79,14 @@ impl EventKind {
         Self::SecurityBruteForce,
         Self::SecurityBindingMismatch,
         Self::SecurityImpossibleTravel,
+        Self::SessionDataUpdated,
+        Self::WebhookCreated,
+        Self::WebhookUpdated,
+        Self::WebhookDeleted,
+        Self::KeysRotated,
+        Self::SecurityCreateThrottled,
+        Self::SecurityStepUpDenied,
+        Self::SecurityInvalidToken,
     ];
 
     /// The event type's stable name, for example `session.revoked`.
@@ -80,6 +104,14 @@ impl EventKind {
             Self::SecurityBruteForce => "security.brute_force",
             Self::SecurityBindingMismatch => "security.binding_mismatch",
             Self::SecurityImpossibleTravel => "security.impossible_travel",
+            Self::SessionDataUpdated => "session.data_updated",
+            Self::WebhookCreated => "webhook.created",
+            Self::WebhookUpdated => "webhook.updated",
+            Self::WebhookDeleted => "webhook.deleted",
+            Self::KeysRotated => "keys.rotated",
+            Self::SecurityCreateThrottled => "security.create_throttled",
+            Self::SecurityStepUpDenied => "security.step_up_denied",
+            Self::SecurityInvalidToken => "security.invalid_token",
         }
     }
 
@@ -254,6 +286,28 @@ impl Audit {
         e
     }
 
+    /// The `session.data_updated` event of a merge patch: the top-level keys it set and
+    /// removed, by name only (values may be secrets).
+    pub fn data_updated(
+        &self,
+        at: Timestamp,
+        rec: &SessionRecord,
+        patch: &Map<String, Value>,
+    ) -> Event {
+        let mut e = self.session_event(EventKind::SessionDataUpdated, at, rec, None);
+        let (removed, set): (Vec<_>, Vec<_>) = patch.iter().partition(|(_, v)| v.is_null());
+        let names = |v: Vec<(&String, &Value)>| {
+            Value::Array(
+                v.into_iter()
+                    .map(|(k, _)| Value::String(k.clone()))
+                    .collect(),
+            )
+        };
+        e.details.insert("keys_set".into(), names(set));
+        e.details.insert("keys_removed".into(), names(removed));
+        e
+    }
+
     /// Records events the store committed.
     pub fn committed(&self, events: impl IntoIterator<Item = Event>) {
         self.lock().extend(events);
@@ -348,6 +402,14 @@ mod tests {
     fn patterns() {
         assert!(pattern_matches("*", "session.created"));
         assert!(pattern_matches("security.*", "security.brute_force"));
+        for t in [
+            "security.create_throttled",
+            "security.step_up_denied",
+            "security.invalid_token",
+        ] {
+            assert!(pattern_matches("security.*", t));
+        }
+        assert!(pattern_matches("webhook.*", "webhook.deleted"));
         assert!(!pattern_matches("security.*", "session.created"));
         assert!(pattern_matches("session.revoked", "session.revoked"));
         assert!(!pattern_matches("session.revoked", "session.revoked2"));

@@ -1,24 +1,30 @@
 //! Brute-force and flood protection in bounded memory.
 //!
-//! Attempts are counted per client network (an IPv4 address, or the /64 of an IPv6 address,
-//! which one subscriber usually holds whole) and per user, in count-min sketches over a
-//! sliding window: a fixed number of counters whatever the number of addresses, so a flood from
+//! Attempts are counted per source, in count-min sketches over a sliding window. A source is
+//! the client network (an IPv4 address, or the /64 of an IPv6 address, which one subscriber
+//! usually holds whole) together with the API key that asked, or the API key alone when the
+//! request names no client address: leaving `client.ip` out is no way around the counters, and
+//! one application cannot spend another's allowance. Creations are also counted per user. The
+//! sketches hold a fixed number of counters whatever the number of addresses, so a flood from
 //! millions of addresses cannot grow memory. A sketch can only over-count (when keys collide in
 //! every row), never under-count; with the default sizes a key is wrongly blocked only when
 //! about 100,000 networks are blocked at once, and then with a probability near 1%.
 //!
-//! - **Guessing**: a network whose unknown or invalid tokens pass `verify_failures` in a window
-//!   is blocked: its verifies answer `429 too_many_attempts` with `Retry-After`, without looking
-//!   at the token. The block lasts `block_s`, doubling with every further multiple of the
-//!   threshold the network reaches in the window (exponential backoff), at most `block_max_s`.
-//!   Refused attempts still count, so a client that keeps hammering stays blocked longer.
+//! - **Guessing**: a source whose unknown or invalid tokens pass `verify_failures` in a window
+//!   is blocked: its unknown or invalid tokens answer `429 too_many_attempts` with
+//!   `Retry-After` instead of `401`. A token of a live session is still answered while its
+//!   source is blocked (the lookup is one hash probe), so an attacker behind a shared address
+//!   (a NAT, a proxy) cannot lock out its neighbours. The block lasts `block_s`, doubling with
+//!   every further multiple of the threshold the source reaches in the window (exponential
+//!   backoff), at most `block_max_s`. Refused attempts still count, so a client that keeps
+//!   guessing stays blocked longer.
 //! - **Creation**: at most `creates_per_user` new sessions per user and `creates_per_ip` per
-//!   network in a window; past it, `429 too_many_attempts` until the window moves on.
+//!   source in a window; past it, `429 too_many_attempts` until the window moves on.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use crate::time::Timestamp;
 
@@ -103,7 +109,7 @@ impl Hashes {
 
     /// One keyed hash split in two (`h1 + row * h2`, Kirsch and Mitzenmacher): as good as
     /// independent hashes for a count-min sketch, at the cost of one.
-    fn cells(&self, key: u128) -> [usize; ROWS] {
+    fn cells(&self, key: impl Hash) -> [usize; ROWS] {
         let h = self.state.hash_one(key);
         let (h1, h2) = (h as u32 as usize, ((h >> 32) as u32 | 1) as usize);
         let mut out = [0; ROWS];
@@ -179,7 +185,7 @@ impl WindowSketch {
 
     /// Adds one to `key` (conservative update: only the rows at the minimum grow, which keeps
     /// collisions from inflating other keys) and answers the estimate after it.
-    fn add(&self, key: u128, now: Timestamp) -> u32 {
+    fn add(&self, key: impl Hash, now: Timestamp) -> u32 {
         let w = self.rotate(now);
         let cells = self.hashes.cells(key);
         let cur = &self.cells[w.rem_euclid(2) as usize];
@@ -227,7 +233,7 @@ impl BlockSketch {
     }
 
     /// Seconds `key` stays blocked after `now` (0: not blocked).
-    fn remaining(&self, key: u128, now: Timestamp) -> u64 {
+    fn remaining(&self, key: impl Hash, now: Timestamp) -> u64 {
         let until = self
             .hashes
             .cells(key)
@@ -238,7 +244,7 @@ impl BlockSketch {
         u64::from(until.saturating_sub(self.rel(now)))
     }
 
-    fn block(&self, key: u128, until: Timestamp) {
+    fn block(&self, key: impl Hash, until: Timestamp) {
         let until = self.rel(until);
         for i in self.hashes.cells(key) {
             self.cells[i].fetch_max(until, Ordering::Relaxed);
@@ -246,7 +252,28 @@ impl BlockSketch {
     }
 }
 
-/// A network just blocked for guessing.
+/// Whom an attempt counts against: the client network and the API key that asked, or the API
+/// key alone when the request names no client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source {
+    network: Option<u128>,
+    api_key: u64,
+}
+
+impl Source {
+    /// The source of a request naming `ip` (if any), made with the API key named `actor` (its
+    /// fingerprint; `None` in process).
+    pub fn new(ip: Option<IpAddr>, actor: Option<&str>) -> Self {
+        let mut h = std::hash::DefaultHasher::new();
+        actor.hash(&mut h);
+        Self {
+            network: ip.map(network),
+            api_key: h.finish(),
+        }
+    }
+}
+
+/// A source just blocked for guessing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocked {
     /// Failures counted in the window.
@@ -258,6 +285,15 @@ pub struct Blocked {
 /// Refusal of an attempt: retry after this many seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryAfter(pub u64);
+
+/// A creation refused: which limit it hit (`user`, `network` or `api_key`) and when to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttled {
+    /// The limit hit.
+    pub limit: &'static str,
+    /// Retry after this many seconds.
+    pub retry_after: RetryAfter,
+}
 
 /// The counters of one node.
 #[derive(Debug)]
@@ -287,9 +323,9 @@ impl Guard {
         (3 * WIDE + 4 * NARROW) * ROWS * std::mem::size_of::<AtomicU32>()
     }
 
-    /// Whether the network may verify now; a refused attempt counts as a failure.
-    pub fn check_verify(&self, ip: IpAddr, now: Timestamp) -> Result<(), RetryAfter> {
-        let key = network(ip);
+    /// Whether the source is blocked now; a refused attempt counts as a failure. Asked only
+    /// for tokens that matched no live session: a valid token goes through whatever its source.
+    pub fn check_verify(&self, key: Source, now: Timestamp) -> Result<(), RetryAfter> {
         match self.blocked.remaining(key, now) {
             0 => Ok(()),
             left => {
@@ -299,10 +335,9 @@ impl Guard {
         }
     }
 
-    /// Counts an unknown or invalid token from the network; answers the block it starts, if
+    /// Counts an unknown or invalid token from the source; answers the block it starts, if
     /// the failures reached the threshold (again).
-    pub fn verify_failed(&self, ip: IpAddr, now: Timestamp) -> Option<Blocked> {
-        let key = network(ip);
+    pub fn verify_failed(&self, key: Source, now: Timestamp) -> Option<Blocked> {
         let failures = self.failures.add(key, now);
         let threshold = self.cfg.verify_failures.max(1);
         if failures < threshold {
@@ -320,26 +355,32 @@ impl Guard {
         Some(Blocked { failures, for_s })
     }
 
-    /// Counts a session creation for the user (a tenant-qualified key) and the client network;
+    /// Counts a session creation for the user (a tenant-qualified key) and the source;
     /// refuses it when either is over its limit in the window.
     pub fn check_create(
         &self,
         user_key: &str,
-        ip: Option<IpAddr>,
+        source: Source,
         now: Timestamp,
-    ) -> Result<(), RetryAfter> {
-        if self.cfg.creates_per_user > 0 {
-            let mut h = std::hash::DefaultHasher::new();
-            user_key.hash(&mut h);
-            let key = u128::from(h.finish());
-            if self.creates_user.add(key, now) > self.cfg.creates_per_user {
-                return Err(RetryAfter(self.creates_user.secs_to_next_window(now)));
-            }
-        }
-        if let (Some(ip), true) = (ip, self.cfg.creates_per_ip > 0)
-            && self.creates_ip.add(network(ip), now) > self.cfg.creates_per_ip
+    ) -> Result<(), Throttled> {
+        if self.cfg.creates_per_user > 0
+            && self.creates_user.add(user_key, now) > self.cfg.creates_per_user
         {
-            return Err(RetryAfter(self.creates_ip.secs_to_next_window(now)));
+            return Err(Throttled {
+                limit: "user",
+                retry_after: RetryAfter(self.creates_user.secs_to_next_window(now)),
+            });
+        }
+        if self.cfg.creates_per_ip > 0 && self.creates_ip.add(source, now) > self.cfg.creates_per_ip
+        {
+            return Err(Throttled {
+                limit: if source.network.is_some() {
+                    "network"
+                } else {
+                    "api_key"
+                },
+                retry_after: RetryAfter(self.creates_ip.secs_to_next_window(now)),
+            });
         }
         Ok(())
     }
@@ -351,6 +392,7 @@ impl Guard {
 pub struct EventGate {
     second: AtomicI64,
     count: AtomicU32,
+    suppressed: AtomicU64,
 }
 
 impl EventGate {
@@ -365,6 +407,18 @@ impl EventGate {
         }
         self.count.fetch_add(1, Ordering::Relaxed) < Self::PER_SECOND
     }
+
+    /// Like [`EventGate::allow`], counting what it refuses: `Some(n)` when one more event may
+    /// be recorded, `n` the events refused since the last one let through (the event should
+    /// say so); `None` when it may not.
+    pub fn admit(&self, now: Timestamp) -> Option<u64> {
+        if self.allow(now) {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -378,6 +432,11 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// The source of `addr` asking with the key `api_key:k1`.
+    fn src(addr: &str) -> Source {
+        Source::new(Some(ip(addr)), Some("api_key:k1"))
     }
 
     fn guard() -> Guard {
@@ -416,7 +475,7 @@ mod tests {
     #[test]
     fn guessing_blocks_with_exponential_backoff_then_forgets() {
         let g = guard();
-        let a = ip("203.0.113.7");
+        let a = src("203.0.113.7");
         for _ in 0..4 {
             assert_eq!(g.verify_failed(a, t(1)), None);
         }
@@ -430,8 +489,8 @@ mod tests {
         );
         assert_eq!(g.check_verify(a, t(2)), Err(RetryAfter(9)));
         // Someone else is not affected.
-        assert_eq!(g.check_verify(ip("203.0.113.8"), t(2)), Ok(()));
-        assert_eq!(g.check_verify(ip("2001:db8::1"), t(2)), Ok(()));
+        assert_eq!(g.check_verify(src("203.0.113.8"), t(2)), Ok(()));
+        assert_eq!(g.check_verify(src("2001:db8::1"), t(2)), Ok(()));
         // The refused attempts counted: at 10 failures the next block doubles.
         for _ in 0..3 {
             assert!(g.check_verify(a, t(3)).is_err());
@@ -454,19 +513,30 @@ mod tests {
     #[test]
     fn creates_are_limited_per_user_and_per_network() {
         let g = guard();
-        let a = Some(ip("198.51.100.1"));
+        let a = src("198.51.100.1");
         for _ in 0..3 {
             assert_eq!(g.check_create("default/u1", a, t(1)), Ok(()));
         }
         assert_eq!(
             g.check_create("default/u1", a, t(1)),
-            Err(RetryAfter(59)),
+            Err(Throttled {
+                limit: "user",
+                retry_after: RetryAfter(59)
+            }),
             "the fourth create of u1 in the window"
         );
         // Other users from the same network: its fifth create in the window is refused.
         assert_eq!(g.check_create("default/u2", a, t(2)), Ok(()));
-        assert_eq!(g.check_create("default/u3", a, t(2)), Err(RetryAfter(58)));
-        assert_eq!(g.check_create("default/u3", None, t(2)), Ok(()));
+        assert_eq!(
+            g.check_create("default/u3", a, t(2)),
+            Err(Throttled {
+                limit: "network",
+                retry_after: RetryAfter(58)
+            })
+        );
+        // The same network through another API key has its own allowance.
+        let other = Source::new(Some(ip("198.51.100.1")), Some("api_key:k2"));
+        assert_eq!(g.check_create("default/u3", other, t(2)), Ok(()));
         // Two windows later nothing is left of them.
         assert_eq!(g.check_create("default/u1", a, t(130)), Ok(()));
     }
@@ -476,10 +546,64 @@ mod tests {
         let g = guard();
         for i in 0..200_000u32 {
             let a = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            g.verify_failed(a, t(1));
+            g.verify_failed(Source::new(Some(a), Some("api_key:k1")), t(1));
         }
-        assert_eq!(g.check_verify(ip("203.0.113.99"), t(1)), Ok(()));
-        assert_eq!(g.verify_failed(ip("203.0.113.99"), t(1)), None);
+        assert_eq!(g.check_verify(src("203.0.113.99"), t(1)), Ok(()));
+        assert_eq!(g.verify_failed(src("203.0.113.99"), t(1)), None);
         assert_eq!(Guard::memory_bytes(), 16 << 20);
+    }
+
+    #[test]
+    fn a_request_without_client_address_counts_against_its_api_key() {
+        let g = guard();
+        let k1 = Source::new(None, Some("api_key:k1"));
+        for _ in 0..4 {
+            assert_eq!(g.verify_failed(k1, t(1)), None);
+        }
+        assert!(
+            g.verify_failed(k1, t(1)).is_some(),
+            "the fifth guess blocks"
+        );
+        assert_eq!(g.check_verify(k1, t(2)), Err(RetryAfter(9)));
+        // Another key, and the same key naming a client address, are separate sources.
+        assert_eq!(
+            g.check_verify(Source::new(None, Some("api_key:k2")), t(2)),
+            Ok(())
+        );
+        assert_eq!(g.check_verify(src("203.0.113.7"), t(2)), Ok(()));
+        // Creations without an address count against the key (creates_per_ip = 4).
+        let k3 = Source::new(None, Some("api_key:k3"));
+        for u in 0..4 {
+            assert_eq!(g.check_create(&format!("default/c{u}"), k3, t(3)), Ok(()));
+        }
+        assert_eq!(
+            g.check_create("default/c9", k3, t(3)).map_err(|e| e.limit),
+            Err("api_key")
+        );
+    }
+
+    #[test]
+    fn a_network_blocked_through_one_key_is_not_blocked_through_another() {
+        let g = guard();
+        let nat = "198.51.100.200";
+        for _ in 0..5 {
+            g.verify_failed(src(nat), t(1));
+        }
+        assert!(g.check_verify(src(nat), t(1)).is_err());
+        assert_eq!(
+            g.check_verify(Source::new(Some(ip(nat)), Some("api_key:k2")), t(1)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_gate_counts_what_it_refuses() {
+        let gate = EventGate::default();
+        for _ in 0..EventGate::PER_SECOND {
+            assert_eq!(gate.admit(t(1)), Some(0));
+        }
+        assert_eq!(gate.admit(t(1)), None);
+        assert_eq!(gate.admit(t(1)), None);
+        assert_eq!(gate.admit(t(2)), Some(2));
     }
 }

@@ -10,12 +10,17 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::error::CoreError;
+use crate::events::{Audit, EventKind};
 use crate::jwt::{Keyring, Rotation, SealingKey, SigningAlg};
 use crate::store::SessionStore;
 use crate::time::Timestamp;
+use crate::token::TenantId;
 
 /// The name of the keyring document in the store.
 pub const KEYRING_DOC: &str = "keyring";
+
+/// The actor of `keys.rotated` events: the `sessiond keys rotate` command.
+pub const ROTATION_ACTOR: &str = "cli";
 
 /// Smallest interval between reloads triggered by unknown key ids, in milliseconds.
 const MIN_RELOAD_INTERVAL_MS: i64 = 1000;
@@ -119,7 +124,7 @@ impl Keys {
         Ok(true)
     }
 
-    /// Rotates the stored keyring (see [`Keyring::rotate`]); returns the new key's id. Nodes
+    /// Rotates the stored keyring and records `keys.rotated` (actor [`ROTATION_ACTOR`]) (see [`Keyring::rotate`]); returns the new key's id. Nodes
     /// pick the change up at their next reload.
     pub async fn rotate(
         store: &dyn SessionStore,
@@ -137,10 +142,24 @@ impl Keys {
             let new_doc = Keyring::rotate(&doc, r, now, sealing)?;
             let ring = Keyring::load(&new_doc, sealing)?;
             if store.put_document(KEYRING_DOC, version, &new_doc).await? {
-                return ring
+                let kid = ring
                     .newest_kid()
                     .map(str::to_owned)
-                    .ok_or_else(|| CoreError::Internal("rotation added no key".into()));
+                    .ok_or_else(|| CoreError::Internal("rotation added no key".into()))?;
+                // The change is recorded (the key id and its times, never key material).
+                let mut e = Audit::new(ROTATION_ACTOR).event(
+                    EventKind::KeysRotated,
+                    now,
+                    &TenantId::default_tenant(),
+                );
+                e.details.insert("kid".into(), kid.clone().into());
+                e.details.insert("alg".into(), r.alg.as_str().into());
+                e.details
+                    .insert("activate_after_s".into(), r.activate_after_s.into());
+                e.details
+                    .insert("retire_after_s".into(), r.retire_after_s.into());
+                store.append_events(&[e]).await?;
+                return Ok(kid);
             }
         }
         Err(CoreError::Conflict)

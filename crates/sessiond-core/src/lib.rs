@@ -12,6 +12,7 @@
 //!   rotating refresh tokens with reuse detection;
 //! - [`service`]: [`service::SessionService`], the operations of the API over those ports.
 
+pub mod capacity;
 pub mod cookie;
 pub mod device;
 pub mod error;

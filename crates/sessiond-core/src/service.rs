@@ -138,7 +138,11 @@ pub struct SessionService {
     keys: Option<Arc<Keys>>,
     deliver: AtomicBool,
     guard: Option<Arc<Guard>>,
+    capacity: Option<crate::capacity::Capacity>,
     security_events: crate::guard::EventGate,
+    invalid_tokens: crate::guard::EventGate,
+    throttled: crate::guard::EventGate,
+    step_up_denials: crate::guard::EventGate,
     locator: Option<Arc<dyn Locator>>,
     travel: Travel,
 }
@@ -159,7 +163,11 @@ impl SessionService {
             keys: None,
             deliver: AtomicBool::new(false),
             guard: None,
+            capacity: None,
             security_events: crate::guard::EventGate::default(),
+            invalid_tokens: crate::guard::EventGate::default(),
+            throttled: crate::guard::EventGate::default(),
+            step_up_denials: crate::guard::EventGate::default(),
             locator: None,
             travel: Travel::default(),
         }
@@ -204,6 +212,12 @@ impl SessionService {
     /// The service with brute-force and creation limits.
     pub fn with_guard(mut self, guard: Arc<Guard>) -> Self {
         self.guard = Some(guard);
+        self
+    }
+
+    /// The service with caps on live sessions per node and per tenant.
+    pub fn with_capacity(mut self, caps: crate::capacity::Caps) -> Self {
+        self.capacity = Some(crate::capacity::Capacity::new(caps));
         self
     }
 
@@ -370,34 +384,40 @@ impl SessionService {
     /// node, so a flood cannot turn into a flood of writes).
     async fn brute_force(
         &self,
-        ip: std::net::IpAddr,
+        asker: &Audit,
         client: &crate::session::DeviceRecord,
         blocked: &crate::guard::Blocked,
         now: Timestamp,
     ) {
+        let network = client.ip.map(crate::guard::network_label);
         tracing::warn!(
             target: "sessiond::security",
-            network = %crate::guard::network_label(ip),
+            network = network.as_deref().unwrap_or("-"),
+            api_key = asker.actor.as_deref().unwrap_or("-"),
             failures = blocked.failures,
             blocked_s = blocked.for_s,
-            "too many unknown tokens from one network; it is blocked"
+            "too many unknown tokens from one source; it is blocked"
         );
         if !self.security_events.allow(now) {
             return;
         }
         let mut audit = Audit::new(SYSTEM_ACTOR);
-        audit.ip = Some(ip);
+        audit.ip = client.ip;
         audit.user_agent = client.user_agent.clone();
+        audit.request_id = asker.request_id.clone();
         let mut e = audit.event(
             EventKind::SecurityBruteForce,
             now,
             &TenantId::default_tenant(),
         );
         e.reason = Some("token_guessing".into());
-        e.details.insert(
-            "network".into(),
-            Value::String(crate::guard::network_label(ip)),
-        );
+        if let Some(n) = network {
+            e.details.insert("network".into(), Value::String(n));
+        }
+        if let Some(k) = &asker.actor {
+            e.details
+                .insert("api_key".into(), Value::String(k.to_string()));
+        }
         e.details
             .insert("failures".into(), Value::from(blocked.failures));
         e.details
@@ -405,6 +425,50 @@ impl SessionService {
         if let Err(err) = self.record(vec![e]).await {
             tracing::warn!(error = %err, "cannot record security.brute_force");
         }
+    }
+
+    /// Records a finding that changes nothing (an invalid token, a throttled creation, a
+    /// step-up denial) through `gate`: at most [`crate::guard::EventGate::PER_SECOND`] a second
+    /// per node, each saying how many were not recorded before it.
+    async fn gated(&self, gate: &crate::guard::EventGate, mut e: crate::events::Event) {
+        let Some(suppressed) = gate.admit(e.at) else {
+            return;
+        };
+        if suppressed > 0 {
+            e.details
+                .insert("not_recorded_before".into(), Value::from(suppressed));
+        }
+        let kind = e.kind;
+        if let Err(err) = self.record(vec![e]).await {
+            tracing::warn!(error = %err, "cannot record {kind}");
+        }
+    }
+
+    /// Records `security.invalid_token` for a token that matched no live session (never the
+    /// token itself): `reason` is the answer's code.
+    async fn invalid_token(
+        &self,
+        asker: &Audit,
+        client: &crate::session::DeviceRecord,
+        reason: &str,
+        kind: &str,
+        blocked: bool,
+        now: Timestamp,
+    ) {
+        let mut audit = asker.clone();
+        audit.ip = client.ip;
+        audit.user_agent = client.user_agent.clone();
+        let mut e = audit.event(
+            EventKind::SecurityInvalidToken,
+            now,
+            &TenantId::default_tenant(),
+        );
+        e.reason = Some(reason.into());
+        e.details.insert("token_kind".into(), Value::from(kind));
+        if blocked {
+            e.details.insert("blocked".into(), Value::Bool(true));
+        }
+        self.gated(&self.invalid_tokens, e).await;
     }
 
     /// Records events that change nothing else (`auth.failed`), then reports them.
@@ -538,13 +602,32 @@ impl SessionService {
         let auth = Self::auth_from(req.auth.as_ref(), now)?;
         let device = device_from(req.client.as_ref())?;
         if let Some(g) = &self.guard {
-            g.check_create(&format!("{tenant}\n{user_id}"), device.ip, now)
-                .map_err(|r| CoreError::TooManyAttempts(r.0))?;
+            let source = crate::guard::Source::new(device.ip, audit.actor.as_deref());
+            if let Err(t) = g.check_create(&format!("{tenant}\n{user_id}"), source, now) {
+                tracing::warn!(
+                    target: "sessiond::security",
+                    limit = t.limit,
+                    "a session creation was refused by a creation limit"
+                );
+                let mut audit = audit.clone();
+                audit.ip = device.ip;
+                audit.user_agent = device.user_agent.clone();
+                let mut e = audit.event(EventKind::SecurityCreateThrottled, now, &tenant);
+                e.user_id = Some(user_id.clone());
+                e.reason = Some(t.limit.into());
+                e.details
+                    .insert("retry_after_s".into(), Value::from(t.retry_after.0));
+                self.gated(&self.throttled, e).await;
+                return Err(CoreError::TooManyAttempts(t.retry_after.0));
+            }
         }
         let data = encode_data(
             req.data.as_ref().unwrap_or(&Map::new()),
             self.cfg.max_data_bytes,
         )?;
+        if let Some(c) = &self.capacity {
+            c.check(&*self.store, &tenant, now).await?;
+        }
         let policy = self.store.policy(&tenant).await?;
         Self::check_auth_for_create(req.auth.as_ref(), &auth, &policy, req.remember_me, now)?;
         // An earlier authentication may already be past its level's limits.
@@ -601,6 +684,9 @@ impl SessionService {
             InsertOutcome::LimitReached => Err(CoreError::SessionLimitReached),
             InsertOutcome::Inserted { .. } => {
                 self.publish(audit);
+                if let Some(c) = &self.capacity {
+                    c.created(&record.tenant);
+                }
                 let jti = match &refresh_state {
                     Some(s) => s.jti(&record.handle),
                     None => URL_SAFE_NO_PAD.encode(crate::token::random_bytes::<16>()?),
@@ -651,17 +737,28 @@ impl SessionService {
     /// wire object: the hot path serializes it with [`Verified::json`] without building an
     /// [`api::Session`], and a caller in process reads the record directly.
     pub async fn verify_session(&self, req: &api::VerifyRequest) -> Result<Verified, CoreError> {
+        self.verify_as(req, &Audit::default()).await
+    }
+
+    /// [`SessionService::verify_session`] on behalf of `asker` (the API key and request id):
+    /// unknown tokens count against the client network and the key (the key alone when the
+    /// request names no client address), and findings name them.
+    pub async fn verify_as(
+        &self,
+        req: &api::VerifyRequest,
+        asker: &Audit,
+    ) -> Result<Verified, CoreError> {
         if let Some(r) = &req.require {
             validate_requirements(r)?;
         }
         // The client is validated like at create, so a caller learns of a bad value at once.
         let client = device_from(req.client.as_ref())?;
         let now = self.clock.now();
-        let guarded = self.guard.as_ref().zip(client.ip);
-        if let Some((g, ip)) = guarded {
-            g.check_verify(ip, now)
-                .map_err(|r| CoreError::TooManyAttempts(r.0))?;
-        }
+        let token_kind = if req.access_token.is_some() {
+            "access"
+        } else {
+            "session"
+        };
         let found = match (&req.token, &req.access_token) {
             (Some(token), None) => self
                 .active_by_token(token, now)
@@ -676,13 +773,31 @@ impl SessionService {
         };
         let (mut found, policy) = match found {
             Ok(f) => f,
-            // A token that matches no session (or no key) is a guess: count it.
+            // A token that matches no session (or no key) is a guess: count it. A blocked
+            // source is refused only here, so a valid token goes through whatever its source.
             Err(e @ (CoreError::SessionUnknown | CoreError::TokenInvalid(_))) => {
-                if let Some((g, ip)) = guarded
-                    && let Some(blocked) = g.verify_failed(ip, now)
-                {
-                    self.brute_force(ip, &client, &blocked, now).await;
+                let code = match &e {
+                    CoreError::SessionUnknown => "session_unknown",
+                    _ => "token_invalid",
+                };
+                if let Some(g) = &self.guard {
+                    let source = crate::guard::Source::new(client.ip, asker.actor.as_deref());
+                    if let Err(r) = g.check_verify(source, now) {
+                        self.invalid_token(asker, &client, code, token_kind, true, now)
+                            .await;
+                        return Err(CoreError::TooManyAttempts(r.0));
+                    }
+                    if let Some(blocked) = g.verify_failed(source, now) {
+                        self.brute_force(asker, &client, &blocked, now).await;
+                    }
                 }
+                self.invalid_token(asker, &client, code, token_kind, false, now)
+                    .await;
+                return Err(e);
+            }
+            Err(e @ CoreError::SessionRevoked) => {
+                self.invalid_token(asker, &client, "session_revoked", token_kind, false, now)
+                    .await;
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -693,8 +808,27 @@ impl SessionService {
         if aal < found.record.auth.aal {
             found = self.lower_aal(found, aal, now).await?;
         }
-        if let Some(r) = &req.require {
-            check_requirements(&found.record, aal, r, now)?;
+        if let Some(r) = &req.require
+            && let Err(e) = check_requirements(&found.record, aal, r, now)
+        {
+            let mut audit = asker.clone();
+            audit.ip = client.ip;
+            audit.user_agent = client.user_agent.clone();
+            let mut ev = audit.session_event(
+                EventKind::SecurityStepUpDenied,
+                now,
+                &found.record,
+                Some("reauthentication_required"),
+            );
+            if let Some(aal) = r.min_aal {
+                ev.details.insert("min_aal".into(), Value::from(aal));
+            }
+            if let Some(age) = r.max_auth_age_s {
+                ev.details.insert("max_auth_age_s".into(), Value::from(age));
+            }
+            ev.details.insert("aal".into(), Value::from(aal));
+            self.gated(&self.step_up_denials, ev).await;
+            return Err(e);
         }
         if let Some(b) = policy.document().binding.as_ref()
             && let Some(what) = crate::device::binding_mismatch(b, &found.record.device, &client)
@@ -1115,15 +1249,18 @@ impl SessionService {
         &self,
         handle: &str,
         patch: &Map<String, Value>,
+        audit: &Audit,
     ) -> Result<api::Session, CoreError> {
+        let audit = &self.scoped(audit);
         let handle = SessionHandle::parse(handle)?;
         let now = self.clock.now();
         match self
             .store
-            .update_data(&handle, patch, self.cfg.max_data_bytes, now)
+            .update_data(&handle, patch, self.cfg.max_data_bytes, now, audit)
             .await?
         {
             DataUpdate::Updated(s) => {
+                self.publish(audit);
                 let policy = self.store.policy(&s.record.tenant).await?;
                 Ok(self.view(&s, &policy, now))
             }

@@ -289,13 +289,14 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<Vec<SessionHandle>, StoreError>;
 
     /// Applies a JSON merge patch to an active session's data, atomically, if the result fits
-    /// in `limit` bytes.
+    /// in `limit` bytes; records `session.data_updated` with the change.
     async fn update_data(
         &self,
         handle: &SessionHandle,
         patch: &Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<DataUpdate, StoreError>;
 
     /// A user's sessions, most recently seen first (ties by handle, descending).

@@ -102,6 +102,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// Brute-force and creation limits (`[protection]`).
     pub protection: ProtectionConfig,
+    /// Caps on live sessions (`[limits]`).
+    pub limits: LimitsConfig,
     /// The node-local session cache of the shared stores (`[cache]`).
     pub cache: CacheConfig,
     /// A MaxMind-format city database (`.mmdb`, such as GeoLite2 City): sessions show their
@@ -128,6 +130,25 @@ impl Default for TlsConfig {
             cert_file: None,
             key_file: None,
             reload_interval_s: 5,
+        }
+    }
+}
+
+/// Caps on live sessions (`[limits]`): past them, creates are refused. 0 for no cap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Live sessions in the store (`507 session_capacity_reached` past it).
+    pub max_sessions: u64,
+    /// Live sessions of one tenant (`429 tenant_session_limit` past it).
+    pub max_sessions_per_tenant: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 1_000_000,
+            max_sessions_per_tenant: 0,
         }
     }
 }
@@ -445,6 +466,7 @@ impl std::fmt::Debug for Config {
             .field("events", &self.events)
             .field("webhooks", &self.webhooks)
             .field("protection", &self.protection)
+            .field("limits", &self.limits)
             .field("cache", &self.cache)
             .field("geoip_db", &self.geoip_db)
             .finish()
@@ -486,6 +508,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             webhooks: WebhooksConfig::default(),
             protection: ProtectionConfig::default(),
+            limits: LimitsConfig::default(),
             cache: CacheConfig::default(),
             geoip_db: None,
         }

@@ -78,6 +78,10 @@ pub fn core_status(e: &CoreError) -> (StatusCode, &'static str) {
         CoreError::SessionRevoked => (S::UNAUTHORIZED, codes::SESSION_REVOKED),
         CoreError::ReauthenticationRequired(_) => (S::FORBIDDEN, codes::REAUTHENTICATION_REQUIRED),
         CoreError::SessionLimitReached => (S::CONFLICT, codes::SESSION_LIMIT_REACHED),
+        CoreError::SessionCapacityReached => {
+            (S::INSUFFICIENT_STORAGE, codes::SESSION_CAPACITY_REACHED)
+        }
+        CoreError::TenantSessionLimit => (S::TOO_MANY_REQUESTS, codes::TENANT_SESSION_LIMIT),
         CoreError::SessionNotActive => (S::CONFLICT, codes::SESSION_NOT_ACTIVE),
         CoreError::DataTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, codes::DATA_TOO_LARGE),
         CoreError::NotFound => (S::NOT_FOUND, codes::NOT_FOUND),

@@ -2,10 +2,11 @@
 //!
 //! Rejections are turned into problem responses here, so a handler only ever sees valid input.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
@@ -122,7 +123,7 @@ impl FromRequestParts<AppState> for Admin {
             .headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .filter(|v| crate::is_request_id(v))
             .map(Arc::<str>::from);
         let presented = parts
             .headers
@@ -146,9 +147,14 @@ impl FromRequestParts<AppState> for Admin {
             .get::<MatchedPath>()
             .map_or("unmatched", |p| p.as_str())
             .to_owned();
+        // The TCP peer (the application's host, or a proxy in front of it).
+        let peer = ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
+            .await
+            .ok()
+            .map(|c| c.0.ip());
         state
             .auth_failures
-            .record(&state.service, reason, request_id.as_deref(), &route);
+            .record(&state.service, reason, request_id.as_deref(), &route, peer);
         Err(ApiError::Unauthorized)
     }
 }
@@ -169,6 +175,7 @@ impl AuthFailures {
         reason: &'static str,
         request_id: Option<&str>,
         route: &str,
+        peer: Option<IpAddr>,
     ) {
         use std::sync::atomic::Ordering::Relaxed;
         let now = service.now();
@@ -177,6 +184,7 @@ impl AuthFailures {
             return;
         }
         let mut event = crate::webhooks::auth_failed(now, reason, request_id, route);
+        event.ip = peer;
         let dropped = self.dropped.swap(0, Relaxed);
         if dropped > 0 {
             event

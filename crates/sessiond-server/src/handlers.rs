@@ -13,7 +13,9 @@ use sessiond_api::{
     Webhook, WebhookInput, WebhookList,
 };
 use sessiond_core::error::CoreError;
+use sessiond_core::events::{Audit, EventKind};
 use sessiond_core::service::{Issued, StatusFilter};
+use sessiond_core::token::TenantId;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
@@ -55,9 +57,10 @@ fn with_token(i: Issued) -> SessionWithToken {
         (status = 409, description = "`session_limit_reached`: the user is at the policy's session limit and `on_limit` is `deny`.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body is over the configured limit; `data_too_large`: the session data would be over its limit.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`too_many_attempts`: too many sessions created for this user or from this client network in the window; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`too_many_attempts`: too many sessions created for this user, or from this client network through this API key (this API key when the request names no `client.ip`), in the window; retry after `Retry-After` seconds. `tenant_session_limit`: the tenant holds `limits.max_sessions_per_tenant` live sessions.", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`session_capacity_reached`: the server holds `limits.max_sessions` live sessions; no session can be created until some end.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])),
 )]
@@ -87,14 +90,14 @@ pub async fn create(
         (status = 409, description = "`conflict`: a concurrent change to the same session won; retry.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`too_many_attempts`: the client network (`client.ip`) presented too many unknown tokens and is blocked; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`too_many_attempts`: an unknown or invalid token from a source (the client network of `client.ip` with this API key, or this API key when the request names no `client.ip`) that presented too many of them and is blocked; retry after `Retry-After` seconds. A token of a live session is answered whatever its source.", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`: the store cannot be reached (the server fails closed); `overloaded`: too many requests in progress, retry after `Retry-After`; `request_timeout`: the request ran past the server's request timeout.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("api_key" = [])),
 )]
 pub async fn verify(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     StrictJson(req): StrictJson<VerifyRequest>,
 ) -> Result<Response, ApiError> {
@@ -103,7 +106,7 @@ pub async fn verify(
     } else {
         "session"
     };
-    let r = s.service.verify_session(&req).await;
+    let r = s.service.verify_as(&req, admin.audit()).await;
     s.metrics.verified(
         kind,
         match &r {
@@ -359,13 +362,16 @@ pub async fn get_session(
     security(("api_key" = [])),
 )]
 pub async fn patch_session(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     Path(handle): Path<String>,
     StrictJson(req): StrictJson<PatchSessionRequest>,
 ) -> ApiResult<SessionResponse> {
     Ok(Json(SessionResponse {
-        session: s.service.patch_data(&handle, &req.data).await?,
+        session: s
+            .service
+            .patch_data(&handle, &req.data, admin.audit())
+            .await?,
     }))
 }
 
@@ -774,12 +780,41 @@ pub async fn get_webhook(
     security(("api_key" = [])),
 )]
 pub async fn put_webhook(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     Path(name): Path<String>,
     StrictJson(input): StrictJson<WebhookInput>,
 ) -> ApiResult<Webhook> {
-    Ok(Json(s.webhooks.put(&name, input).await?))
+    let existed = s.webhooks.get(&name).await.is_ok();
+    let hook = s.webhooks.put(&name, input).await?;
+    let kind = if existed {
+        EventKind::WebhookUpdated
+    } else {
+        EventKind::WebhookCreated
+    };
+    record_webhook_change(&s, admin.audit(), kind, &name, Some(&hook.events)).await;
+    Ok(Json(hook))
+}
+
+/// Records a webhook's change made through the API: its name and event patterns, never its
+/// URL (which may carry credentials) or its secret.
+async fn record_webhook_change(
+    s: &AppState,
+    audit: &Audit,
+    kind: EventKind,
+    name: &str,
+    events: Option<&[String]>,
+) {
+    let mut e = audit.event(kind, s.service.now(), &TenantId::default_tenant());
+    e.details
+        .insert("webhook".into(), serde_json::Value::from(name));
+    if let Some(events) = events {
+        e.details
+            .insert("events".into(), serde_json::Value::from(events.to_vec()));
+    }
+    if let Err(err) = s.service.record(vec![e]).await {
+        tracing::warn!(error = %err, "cannot record {kind}");
+    }
 }
 
 /// `DELETE /v1/webhooks/{name}`
@@ -800,11 +835,12 @@ pub async fn put_webhook(
     security(("api_key" = [])),
 )]
 pub async fn delete_webhook(
-    _: Admin,
+    admin: Admin,
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     s.webhooks.delete(&name).await?;
+    record_webhook_change(&s, admin.audit(), EventKind::WebhookDeleted, &name, None).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

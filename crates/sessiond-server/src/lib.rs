@@ -107,6 +107,30 @@ impl MakeRequestId for RequestIds {
     }
 }
 
+/// Whether a caller's `X-Request-Id` may be kept: 1 to 64 of `A-Z a-z 0-9 . _ : -`. Any other
+/// value is replaced by a generated id, so the header never carries what a caller injected
+/// into logs, events or responses.
+pub fn is_request_id(v: &str) -> bool {
+    (1..=64).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
+/// Drops an `X-Request-Id` that is not a safe id (or is sent more than once), so that a
+/// generated one takes its place.
+async fn sanitize_request_id(mut req: Request) -> Request {
+    let headers = req.headers_mut();
+    let mut values = headers.get_all("x-request-id").iter();
+    let keep = match (values.next(), values.next()) {
+        (Some(v), None) => v.to_str().is_ok_and(is_request_id),
+        _ => false,
+    };
+    if !keep {
+        headers.remove("x-request-id");
+    }
+    req
+}
+
 /// Builds the app: every route of the API v1, with its layers.
 pub fn router(state: AppState) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
@@ -186,6 +210,7 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(SetRequestIdLayer::new(x_request_id, RequestIds::new()))
+        .layer(axum::middleware::map_request(sanitize_request_id))
 }
 
 /// The app of the health listener: `/healthz`, `/readyz` and `/metrics` only.
@@ -444,6 +469,10 @@ impl Server {
             Some(g) => service.with_guard(Arc::new(sessiond_core::guard::Guard::new(g, started))),
             None => service,
         };
+        let service = service.with_capacity(sessiond_core::capacity::Caps {
+            max_sessions: config.limits.max_sessions,
+            max_sessions_per_tenant: config.limits.max_sessions_per_tenant,
+        });
         let service = match &config.geoip_db {
             Some(path) => {
                 let locator = geoip::MmdbLocator::open(path).map_err(ConfigError)?;

@@ -609,11 +609,12 @@ impl SessionStore for TimedStore {
         patch: &Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<DataUpdate, StoreError> {
         timed!(
             self,
             "update_data",
-            self.inner.update_data(handle, patch, limit, now)
+            self.inner.update_data(handle, patch, limit, now, audit)
         )
     }
 

@@ -691,8 +691,12 @@ impl SessionStore for CachedStore {
         patch: &Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<DataUpdate, StoreError> {
-        let r = self.inner.update_data(handle, patch, limit, now).await;
+        let r = self
+            .inner
+            .update_data(handle, patch, limit, now, audit)
+            .await;
         self.cache.invalidate(handle);
         r
     }

@@ -583,6 +583,59 @@ pub async fn evict_oldest_holds_under_concurrent_creates(f: &dyn StoreFactory) {
     );
 }
 
+pub async fn update_data_records_its_event_with_the_change(f: &dyn StoreFactory) {
+    let s = f.open().await;
+    let (rec, _) = record("kim", "default", t(0));
+    insert(&*s, &rec, t(0)).await;
+    let patch: Map<String, Value> =
+        serde_json::from_value(json!({"role": "admin", "cart": null})).unwrap();
+    assert!(matches!(
+        s.update_data(&rec.handle, &patch, 1000, t(1), &audit())
+            .await
+            .unwrap(),
+        DataUpdate::Updated(_)
+    ));
+    // A refused change records nothing.
+    let big: Map<String, Value> = serde_json::from_value(json!({"blob": "x".repeat(100)})).unwrap();
+    assert!(matches!(
+        s.update_data(&rec.handle, &big, 50, t(2), &audit())
+            .await
+            .unwrap(),
+        DataUpdate::TooLarge { .. }
+    ));
+    let events = s
+        .events(&EventQuery {
+            event_type: Some("session.data_updated".into()),
+            handle: Some(rec.handle.clone()),
+            limit: 10,
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1, "one session.data_updated with the change");
+    let e = &events[0];
+    assert_eq!(e.user_id.as_deref(), Some("kim"));
+    assert_eq!(e.actor.as_deref(), Some("api_key:test"));
+    assert_eq!(e.request_id.as_deref(), Some("req-1"));
+    assert_eq!(e.details["keys_set"], json!(["role"]));
+    assert_eq!(e.details["keys_removed"], json!(["cart"]));
+    assert!(
+        !serde_json::to_string(e).unwrap().contains("admin"),
+        "names, never values"
+    );
+    // The user's log has it too.
+    let mine = s
+        .events(&EventQuery {
+            user_id: Some(rec.user_id.clone()),
+            event_type: Some("session.data_updated".into()),
+            limit: 10,
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+}
+
 pub async fn update_data_merges_and_checks(f: &dyn StoreFactory) {
     let s = f.open().await;
     let (rec, _) = record("ken", "default", t(0));
@@ -590,7 +643,7 @@ pub async fn update_data_merges_and_checks(f: &dyn StoreFactory) {
     let patch: Map<String, Value> =
         serde_json::from_value(json!({"theme": "dark", "cart": null})).unwrap();
     let DataUpdate::Updated(u) = s
-        .update_data(&rec.handle, &patch, 1000, t(1))
+        .update_data(&rec.handle, &patch, 1000, t(1), &audit())
         .await
         .unwrap()
     else {
@@ -602,7 +655,9 @@ pub async fn update_data_merges_and_checks(f: &dyn StoreFactory) {
     );
     let big: Map<String, Value> = serde_json::from_value(json!({"blob": "x".repeat(100)})).unwrap();
     assert!(matches!(
-        s.update_data(&rec.handle, &big, 50, t(1)).await.unwrap(),
+        s.update_data(&rec.handle, &big, 50, t(1), &audit())
+            .await
+            .unwrap(),
         DataUpdate::TooLarge { limit: 50, .. }
     ));
     let again = s.find_by_handle(&rec.handle).await.unwrap().unwrap();
@@ -614,14 +669,14 @@ pub async fn update_data_merges_and_checks(f: &dyn StoreFactory) {
         .await
         .unwrap();
     assert!(matches!(
-        s.update_data(&rec.handle, &patch, 1000, t(3))
+        s.update_data(&rec.handle, &patch, 1000, t(3), &audit())
             .await
             .unwrap(),
         DataUpdate::NotActive
     ));
     let (unknown, _) = record("ken", "default", t(0));
     assert!(matches!(
-        s.update_data(&unknown.handle, &patch, 1000, t(3))
+        s.update_data(&unknown.handle, &patch, 1000, t(3), &audit())
             .await
             .unwrap(),
         DataUpdate::NotFound
@@ -1384,6 +1439,7 @@ macro_rules! conformance_suite {
             limit_holds_under_concurrent_creates,
             evict_oldest_holds_under_concurrent_creates,
             update_data_merges_and_checks,
+            update_data_records_its_event_with_the_change,
             list_orders_filters_and_pages,
             policies_default_and_replace,
             find_with_policy_follows_policy_changes,
@@ -1533,7 +1589,9 @@ pub mod coherence {
         let mut patch = Map::new();
         patch.insert("cart".into(), json!(2));
         assert!(matches!(
-            b.update_data(&r2.handle, &patch, 4096, t(4)).await.unwrap(),
+            b.update_data(&r2.handle, &patch, 4096, t(4), &audit())
+                .await
+                .unwrap(),
             DataUpdate::Updated(_)
         ));
         eventually("a data update through B reaches A", || async {

@@ -227,6 +227,7 @@ enum Cmd {
         patch: Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        audit: Audit,
         reply: Reply<DataUpdate>,
     },
     PutPolicy {
@@ -1096,6 +1097,7 @@ fn apply(
             patch,
             limit,
             now,
+            audit,
             reply,
         } => {
             let r = (|| {
@@ -1118,6 +1120,8 @@ fn apply(
                 let mut new = rec;
                 new.data = data.into();
                 new.last_seen_at = ls;
+                let e = audit.data_updated(now, &new, &patch);
+                record_events(tx, &audit, vec![e], effects)?;
                 staged.put(entry, new.clone(), effects);
                 Ok(DataUpdate::Updated(stored(new)))
             })();
@@ -1617,6 +1621,7 @@ impl SessionStore for EmbeddedStore {
         patch: &Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<DataUpdate, StoreError> {
         self.shared.check()?;
         let (handle, patch) = (handle.clone(), patch.clone());
@@ -1625,6 +1630,7 @@ impl SessionStore for EmbeddedStore {
             patch,
             limit,
             now,
+            audit: audit.clone(),
             reply,
         })
         .await

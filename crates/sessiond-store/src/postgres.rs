@@ -991,6 +991,7 @@ impl SessionStore for PostgresStore {
         patch: &Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<DataUpdate, StoreError> {
         let mut tx = self.begin().await?;
         let Some(rec) = Self::for_update(&mut tx, handle).await? else {
@@ -1014,10 +1015,13 @@ impl SessionStore for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(err)?;
-        tx.commit().await.map_err(err)?;
         let mut new = (*live.record).clone();
         new.data = data.into();
         new.last_seen_at = live.last_seen_at;
+        let events = vec![audit.data_updated(now, &new, patch)];
+        write_events(&mut *tx, &events).await?;
+        tx.commit().await.map_err(err)?;
+        audit.committed(events);
         Ok(DataUpdate::Updated(stored(new)))
     }
 

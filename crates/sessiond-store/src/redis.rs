@@ -1631,6 +1631,7 @@ impl SessionStore for RedisStore {
         patch: &Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        audit: &Audit,
     ) -> Result<DataUpdate, StoreError> {
         let mut c = self.conn().await?;
         for attempt in 0..CAS_ATTEMPTS {
@@ -1660,8 +1661,15 @@ impl SessionStore for RedisStore {
             let key = self.rec_key(&l.tag, handle.as_str());
             cas.check_row(key.clone(), &l.row_text);
             cas.write("row", key, Self::row_json(&new)?, ttl);
+            let events = vec![audit.data_updated(now, &new, patch)];
+            cas.events(
+                &self.user_events_key(&l.tag),
+                &events,
+                self.inner.retention_ms,
+            );
             cas.announce(&self.feed_channel(), handle.as_str());
             if self.apply(&mut c, &cas).await? {
+                self.after_commit(&mut c, audit, events).await?;
                 new.last_seen_at = l.session.last_seen_at;
                 return Ok(DataUpdate::Updated(StoredSession::new(Arc::new(new))));
             }

@@ -245,7 +245,16 @@ async fn logout_and_revoke_and_force_logout() {
             (EventKind::SessionCreated, None),
             (EventKind::SessionCreated, None),
             (EventKind::SessionRevoked, Some("logout".into())),
+            // Presenting a revoked token is recorded (never the token).
+            (
+                EventKind::SecurityInvalidToken,
+                Some("session_revoked".into())
+            ),
             (EventKind::SessionRevoked, Some("force_logout".into())),
+            (
+                EventKind::SecurityInvalidToken,
+                Some("session_revoked".into())
+            ),
             (EventKind::SessionRevoked, Some("admin".into())),
         ]
     );
@@ -1283,4 +1292,63 @@ mod tokens {
         let fine = ring.sign(&c, now).unwrap();
         assert!(t.f.svc.verify(&access_req(&fine)).await.is_ok());
     }
+}
+
+/// The guard counts unknown tokens per source (network and API key, or the key alone) and
+/// refuses only unknown tokens while a source is blocked: a live session's token is answered.
+#[tokio::test]
+async fn a_blocked_source_still_verifies_valid_tokens() {
+    use sessiond_core::guard::{Guard, GuardConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(dir.path(), EmbeddedOptions::default()).unwrap());
+    let clock = Arc::new(ManualClock::new(Timestamp::from_millis(1_700_000_000_000)));
+    let events = Arc::new(MemorySink::default());
+    let guard = Guard::new(
+        GuardConfig {
+            verify_failures: 3,
+            ..GuardConfig::default()
+        },
+        clock.now(),
+    );
+    let svc = SessionService::new(
+        store,
+        clock.clone(),
+        events.clone(),
+        ServiceConfig::default(),
+    )
+    .with_guard(Arc::new(guard));
+    let token = svc
+        .create(&create_req("nat-user"), &Audit::new("api_key:app"))
+        .await
+        .unwrap()
+        .token
+        .expose()
+        .to_owned();
+    let app = Audit::new("api_key:app");
+    let guess = verify_req("sdt_0000000000000000000000000000000000000000000");
+    for _ in 0..3 {
+        assert!(matches!(
+            svc.verify_as(&guess, &app).await,
+            Err(CoreError::SessionUnknown)
+        ));
+    }
+    assert!(matches!(
+        svc.verify_as(&guess, &app).await,
+        Err(CoreError::TooManyAttempts(_))
+    ));
+    assert!(svc.verify_as(&verify_req(&token), &app).await.is_ok());
+    // Another key is another source.
+    assert!(matches!(
+        svc.verify_as(&guess, &Audit::new("api_key:other")).await,
+        Err(CoreError::SessionUnknown)
+    ));
+    let kinds: Vec<EventKind> = events.events().iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&EventKind::SecurityBruteForce), "{kinds:?}");
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == EventKind::SecurityInvalidToken)
+            .count(),
+        5
+    );
 }

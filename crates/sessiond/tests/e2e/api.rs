@@ -336,7 +336,7 @@ async fn policy_defaults_round_trips_and_applies() {
             "absolute_timeout_s": 43200,
             "remember_me_idle_timeout_s": 1209600,
             "remember_me_absolute_timeout_s": 2592000,
-            "max_sessions_per_user": null,
+            "max_sessions_per_user": 100,
             "on_limit": "evict_oldest",
             "cookie": {"name": "__Host-session", "domain": null, "path": "/", "same_site": "Lax", "secure": true},
             "require_auth": false,
@@ -346,6 +346,18 @@ async fn policy_defaults_round_trips_and_applies() {
             }
         })
     );
+    // An explicit null (no limit) is kept as such.
+    let mut unlimited = def.body.clone();
+    unlimited["max_sessions_per_user"] = serde_json::Value::Null;
+    let put = s
+        .call(
+            Method::PUT,
+            "/v1/tenants/nolimit/policy",
+            Some(unlimited.clone()),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text);
+    assert_eq!(s.get("/v1/tenants/nolimit/policy").await.body, unlimited);
     // Read-modify-write round-trips.
     let mut doc = def.body.clone();
     doc["idle_timeout_s"] = json!(600);

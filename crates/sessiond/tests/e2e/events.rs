@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 
 use crate::harness::Server;
 
-fn fingerprint(key: &str) -> String {
+pub(crate) fn fingerprint(key: &str) -> String {
     let d = Sha256::new()
         .chain_update(b"sessiond api key fingerprint\n")
         .chain_update(key.as_bytes())
@@ -513,7 +513,138 @@ async fn each_event_is_delivered_by_one_node() {
     assert_eq!(ids.len(), 12);
 }
 
+/// Data changes are recorded with the change (names of the keys, never their values), on
+/// every store.
+async fn a_data_patch_is_recorded_with_its_keys_but_not_its_values() {
+    let s = Server::start();
+    let (_, handle, _) = s.login("ev-patch").await;
+    let r = s
+        .call(
+            Method::PATCH,
+            &format!("/v1/sessions/{handle}"),
+            Some(json!({"data": {"role": "admin-secret-value", "cart": null}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let evs = events(&s, &format!("?type=session.data_updated&handle={handle}")).await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["user_id"], "ev-patch");
+    assert_eq!(evs[0]["actor"], fingerprint(&s.key));
+    assert_eq!(evs[0]["details"]["keys_set"], json!(["role"]));
+    assert_eq!(evs[0]["details"]["keys_removed"], json!(["cart"]));
+    assert!(!evs[0].to_string().contains("admin-secret-value"));
+}
+
+async fn wait_for(s: &Server, query: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let evs = events(s, query).await;
+        if evs.len() >= n {
+            return evs;
+        }
+        assert!(Instant::now() < deadline, "{query}: {evs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_changes_step_up_denials_and_request_ids_are_recorded_safely() {
+    let s = Server::start();
+    // Webhooks: created, replaced, deleted; never the secret or the URL.
+    let secret = format!("whsec_{}", STANDARD.encode([7u8; 32]));
+    for _ in 0..2 {
+        let r = s
+            .call(
+                Method::PUT,
+                "/v1/webhooks/audit-hook",
+                Some(json!({"url": "https://hooks.example.com/audit-x", "events": ["security.*"], "secret": secret})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    let r = s
+        .call(Method::DELETE, "/v1/webhooks/audit-hook", None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let evs = events(&s, "?limit=100").await;
+    let hooks: Vec<&str> = evs
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .filter(|t| t.starts_with("webhook."))
+        .collect();
+    assert_eq!(
+        hooks,
+        ["webhook.deleted", "webhook.updated", "webhook.created"],
+        "newest first"
+    );
+    let text = serde_json::to_string(&evs).unwrap();
+    assert!(
+        !text.contains(&secret) && !text.contains("audit-x"),
+        "{text}"
+    );
+    assert!(evs.iter().any(|e| e["details"]["webhook"] == "audit-hook"));
+
+    // Step-up: a valid session that does not meet `require` is refused and recorded.
+    let (token, handle, _) = s.login("ev-stepup").await;
+    let r = s
+        .post(
+            "/v1/sessions/verify",
+            json!({"token": token, "require": {"min_aal": 2}}),
+        )
+        .await;
+    r.problem(403, "reauthentication_required");
+    let evs = wait_for(&s, "?type=security.step_up_denied", 1).await;
+    assert_eq!(evs[0]["handle"], handle.as_str());
+    assert_eq!(evs[0]["details"]["min_aal"], 2);
+    assert_eq!(evs[0]["actor"], fingerprint(&s.key));
+
+    // X-Request-Id: a safe id is kept (response and event), anything else is replaced.
+    let bad = format!("{}<script>", "a".repeat(20_000));
+    for (sent, kept) in [("req-1.a:b_C", true), (bad.as_str(), false), ("", false)] {
+        let r = s
+            .raw(Method::GET, "/v1/sessions/ses_AAAAAAAAAAAAAAAAAAAAAA")
+            .header("x-request-id", sent)
+            .send()
+            .await
+            .unwrap();
+        let echoed = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(echoed == sent, kept, "{sent:.40} -> {echoed}");
+        assert!(echoed.len() <= 64 && !echoed.contains('<'));
+    }
+    let r = s
+        .raw(Method::POST, "/v1/sessions")
+        .header("x-request-id", bad.as_str())
+        .send()
+        .await
+        .unwrap();
+    let echoed = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(echoed.len() <= 64);
+    // Four requests without a key: each recorded with the id it was answered under.
+    let failed = wait_for(&s, "?type=auth.failed", 4).await;
+    assert!(
+        failed.iter().any(|e| e["request_id"] == echoed.as_str()),
+        "{failed:?}"
+    );
+    assert!(failed.iter().any(|e| e["request_id"] == "req-1.a:b_C"));
+    for e in &failed {
+        let id = e["request_id"].as_str().unwrap();
+        assert!(id.len() <= 64 && !id.contains('<'), "{id:.80}");
+    }
+    // Obs-text bytes are not echoed either.
+    let r = s
+        .raw(Method::GET, "/healthz")
+        .header(
+            "x-request-id",
+            reqwest::header::HeaderValue::from_bytes(b"\xff\xfe<script>").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["x-request-id"].to_str().is_ok());
+}
+
 crate::on_every_store!(
+    a_data_patch_is_recorded_with_its_keys_but_not_its_values,
     every_change_is_in_the_audit_log_with_who_and_from_where,
     webhooks_are_signed_retried_and_delivered_once,
     a_delivery_survives_a_restart_mid_retry,

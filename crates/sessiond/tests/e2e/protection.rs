@@ -30,17 +30,22 @@ async fn a_guessing_network_is_blocked_and_a_flood_leaves_memory_bounded() {
     ]);
     let (token, _, _) = s.login("pr-victim").await;
 
-    // One attacker: ten unknown tokens, then refused without its token being looked at.
+    // One attacker: ten unknown tokens, then its unknown tokens are refused.
     for i in 0..10 {
         verify_from(&s, &unknown_token(i), "203.0.113.66")
             .await
             .problem(401, "session_unknown");
     }
-    let blocked = verify_from(&s, &token, "203.0.113.66").await;
+    let blocked = verify_from(&s, &unknown_token(99), "203.0.113.66").await;
     blocked.problem(429, "too_many_attempts");
     let retry: u64 = blocked.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=300).contains(&retry), "Retry-After {retry}");
-    // Everyone else still verifies, and the user's own session is untouched.
+    // A neighbour behind the same address (a NAT) still verifies its valid session, and so
+    // does everyone else.
+    assert_eq!(
+        verify_from(&s, &token, "203.0.113.66").await.status,
+        StatusCode::OK
+    );
     assert_eq!(
         verify_from(&s, &token, "198.51.100.7").await.status,
         StatusCode::OK
@@ -50,13 +55,16 @@ async fn a_guessing_network_is_blocked_and_a_flood_leaves_memory_bounded() {
         verify_from(&s, &unknown_token(i), "2001:db8:66:1::1").await;
         verify_from(&s, &unknown_token(i), "2001:db8:66:1::2").await;
     }
-    verify_from(&s, &token, "2001:db8:66:1::3")
+    verify_from(&s, &unknown_token(98), "2001:db8:66:1::3")
         .await
         .problem(429, "too_many_attempts");
     assert_eq!(
-        verify_from(&s, &token, "2001:db8:66:2::1").await.status,
+        verify_from(&s, &token, "2001:db8:66:1::3").await.status,
         StatusCode::OK
     );
+    verify_from(&s, &unknown_token(98), "2001:db8:66:2::1")
+        .await
+        .problem(401, "session_unknown");
 
     // A flood of unknown tokens from 4,000 networks, a few attempts each, 64 at a time.
     let (_, rss_before) = s.threads_and_rss();
@@ -97,12 +105,12 @@ async fn a_guessing_network_is_blocked_and_a_flood_leaves_memory_bounded() {
         "memory grew by {} KiB",
         rss_after.saturating_sub(rss_before)
     );
-    // The legitimate session still verifies, and the attacker is still refused.
+    // The legitimate session still verifies, and the attacker's guesses are still refused.
     assert_eq!(
         verify_from(&s, &token, "198.51.100.7").await.status,
         StatusCode::OK
     );
-    verify_from(&s, &token, "203.0.113.66")
+    verify_from(&s, &unknown_token(97), "203.0.113.66")
         .await
         .problem(429, "too_many_attempts");
 
@@ -177,6 +185,109 @@ async fn creation_is_limited_per_user_and_per_network() {
             .await;
         assert_eq!(r.status, StatusCode::CREATED);
     }
+}
+
+/// Polls `GET /v1/events?{query}` until `done` holds for the events (written off the request
+/// path, so they may arrive a moment later).
+async fn wait_events(s: &Server, query: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = s.get(&format!("/v1/events?{query}")).await;
+        let evs: Vec<Value> = r.body["events"].as_array().cloned().unwrap_or_default();
+        if done(&evs) {
+            return evs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events of {query}: {evs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_without_client_ip_is_counted_per_api_key_and_valid_tokens_still_pass() {
+    let s = Server::start_with(&[
+        ("SESSIOND_PROTECTION__VERIFY_FAILURES", "5"),
+        ("SESSIOND_PROTECTION__BLOCK_S", "300"),
+    ]);
+    let (token, _, _) = s.login("pr-noip").await;
+    // As in the README walkthrough: no client at all.
+    for i in 0..5 {
+        s.verify(&unknown_token(i))
+            .await
+            .problem(401, "session_unknown");
+    }
+    let r = s.verify(&unknown_token(5)).await;
+    r.problem(429, "too_many_attempts");
+    assert!(r.header("retry-after").is_some());
+    // The key's own valid sessions are still answered.
+    assert_eq!(s.verify(&token).await.status, StatusCode::OK);
+    // A revoked token is a bad presentation too (recorded, not counted as a guess).
+    let (gone, handle, _) = s.login("pr-noip").await;
+    let r = s
+        .call(Method::DELETE, &format!("/v1/sessions/{handle}"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    s.verify(&gone).await.problem(401, "session_revoked");
+
+    let evs = wait_events(&s, "type=security.brute_force", |e| !e.is_empty()).await;
+    assert_eq!(
+        evs[0]["details"]["api_key"],
+        crate::events::fingerprint(&s.key)
+    );
+    assert!(evs[0]["details"].get("network").is_none(), "{evs:?}");
+    let evs = wait_events(&s, "type=security.invalid_token&limit=100", |e| {
+        e.iter().any(|e| e["reason"] == "session_revoked")
+    })
+    .await;
+    let unknown = evs
+        .iter()
+        .filter(|e| e["reason"] == "session_unknown")
+        .count();
+    assert_eq!(unknown, 6, "{evs:?}");
+    assert!(evs.iter().any(|e| e["details"]["blocked"] == true));
+    let text = serde_json::to_string(&evs).unwrap();
+    assert!(!text.contains(&token) && !text.contains(&gone) && !text.contains(&unknown_token(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_without_client_ip_is_limited_per_api_key_and_recorded() {
+    let s = Server::start_with(&[("SESSIOND_PROTECTION__CREATES_PER_IP", "3")]);
+    for i in 0..3 {
+        let r = s
+            .post("/v1/sessions", json!({"user_id": format!("ct-{i}")}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    }
+    let r = s.post("/v1/sessions", json!({"user_id": "ct-9"})).await;
+    r.problem(429, "too_many_attempts");
+    let evs = wait_events(&s, "type=security.create_throttled", |e| !e.is_empty()).await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["reason"], "api_key");
+    assert_eq!(evs[0]["user_id"], "ct-9");
+    assert_eq!(evs[0]["actor"], crate::events::fingerprint(&s.key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_sessions_are_capped_per_node_and_per_tenant() {
+    let s = Server::start_with(&[
+        ("SESSIOND_LIMITS__MAX_SESSIONS", "3"),
+        ("SESSIOND_LIMITS__MAX_SESSIONS_PER_TENANT", "2"),
+    ]);
+    let create = |user: &str, tenant: &str| {
+        s.post("/v1/sessions", json!({"user_id": user, "tenant": tenant}))
+    };
+    for u in ["cap-a1", "cap-a2"] {
+        assert_eq!(create(u, "capa").await.status, StatusCode::CREATED);
+    }
+    create("cap-a3", "capa")
+        .await
+        .problem(429, "tenant_session_limit");
+    assert_eq!(create("cap-b1", "capb").await.status, StatusCode::CREATED);
+    create("cap-b2", "capb")
+        .await
+        .problem(507, "session_capacity_reached");
 }
 
 async fn put_binding(s: &Server, tenant: &str, binding: Value) {

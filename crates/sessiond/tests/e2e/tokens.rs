@@ -215,7 +215,9 @@ fn b64json(v: &Value) -> String {
 
 async fn forged_and_stale_access_tokens_are_refused() {
     let s = start();
-    token_mode(&s, 1, 0).await;
+    // Lifetimes long enough that no check below meets an expiry on a slow machine; the expiry
+    // itself is checked at the end with a one-second lifetime.
+    token_mode(&s, 300, 0).await;
     let a = login(&s, "tm-dave").await;
     let parts: Vec<&str> = a.access.split('.').collect();
     let the_kid = kid(&a.access);
@@ -291,7 +293,7 @@ async fn forged_and_stale_access_tokens_are_refused() {
     }
 
     // Wrong issuer, then wrong audience: the policy changed after issue.
-    let put = |iss: &str, aud: &str| json!({"tokens": {"access_token_ttl_s": 1, "issuer": iss, "audience": aud}});
+    let put = |iss: &str, aud: &str| json!({"tokens": {"access_token_ttl_s": 300, "issuer": iss, "audience": aud}});
     let b = login(&s, "tm-erin").await;
     s.call(
         Method::PUT,
@@ -320,6 +322,8 @@ async fn forged_and_stale_access_tokens_are_refused() {
     assert_eq!(verify_access(&s, &b.access).await.status, StatusCode::OK);
 
     // Expired after its one-second lifetime, while the session lives on.
+    token_mode(&s, 1, 0).await;
+    let b = login(&s, "tm-erin-2").await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     verify_access(&s, &b.access)
         .await
@@ -333,6 +337,7 @@ async fn forged_and_stale_access_tokens_are_refused() {
 
     // A valid token of a revoked session is refused at the server at once (the SDK accepts it
     // until it expires: that is what asking the server is for).
+    token_mode(&s, 300, 0).await;
     let c = login(&s, "tm-fay").await;
     s.call(Method::DELETE, &format!("/v1/sessions/{}", c.handle), None)
         .await;

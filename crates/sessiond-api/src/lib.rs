@@ -1068,6 +1068,13 @@ pub mod codes {
     pub const OVERLOADED: &str = "overloaded";
     /// `503`: the request did not finish within the server's request timeout.
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// `400`: the webhook URL is, or resolves to, an address deliveries may not go to
+    /// (loopback over https, private, link-local, shared, unique-local, special-purpose) and
+    /// is not listed in the server's `webhooks.allowed_hosts`.
+    pub const WEBHOOK_URL_REFUSED: &str = "webhook_url_refused";
+    /// `409`: signing keys (token mode) or webhook secrets cannot be stored sealed: the server
+    /// has no keyring key and is not configured to store them unsealed.
+    pub const KEYRING_KEY_REQUIRED: &str = "keyring_key_required";
 }
 
 #[cfg(test)]

@@ -114,25 +114,36 @@ impl SealingKey {
         Ok(Self(LessSafeKey::new(key)))
     }
 
-    fn seal(&self, kid: &str, plain: &[u8]) -> Result<String, CoreError> {
+    /// A fresh key: 32 random bytes, and their base64url text.
+    pub fn generate() -> Result<(Self, Zeroizing<String>), CoreError> {
+        let raw: Zeroizing<[u8; 32]> = Zeroizing::new(crate::token::random_bytes()?);
+        let text = Zeroizing::new(URL_SAFE_NO_PAD.encode(raw.as_slice()));
+        Ok((Self::from_base64(&text)?, text))
+    }
+
+    /// Seals `plain` (AES-256-GCM, a random nonce, `aad` authenticated): base64url of nonce,
+    /// ciphertext and tag.
+    pub fn seal(&self, aad: &str, plain: &[u8]) -> Result<String, CoreError> {
         let nonce_bytes: [u8; NONCE_LEN] = crate::token::random_bytes()?;
         let mut buf = plain.to_vec();
         self.0
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce_bytes),
-                Aad::from(kid.as_bytes()),
+                Aad::from(aad.as_bytes()),
                 &mut buf,
             )
-            .map_err(|_| CoreError::Internal("cannot seal a signing key".into()))?;
+            .map_err(|_| CoreError::Internal("cannot seal a secret".into()))?;
         let mut out = nonce_bytes.to_vec();
         out.extend_from_slice(&buf);
         Ok(URL_SAFE_NO_PAD.encode(out))
     }
 
-    fn open(&self, kid: &str, sealed: &str) -> Result<Zeroizing<Vec<u8>>, CoreError> {
+    /// Opens what [`SealingKey::seal`] sealed with the same `aad`.
+    pub fn open(&self, aad: &str, sealed: &str) -> Result<Zeroizing<Vec<u8>>, CoreError> {
+        let kid = aad;
         let bad = || {
             CoreError::Internal(format!(
-                "cannot unseal signing key {kid}: wrong keyring key or damaged keyring"
+                "cannot unseal {kid}: wrong keyring key or damaged data (is jwt.keyring_key the key it was sealed with?)"
             ))
         };
         let raw = URL_SAFE_NO_PAD.decode(sealed).map_err(|_| bad())?;
@@ -405,6 +416,39 @@ impl Keyring {
         }
         doc.keys.push(new_key(r.alg, now, activate_at, sealing)?);
         write_doc(&doc)
+    }
+
+    /// Whether the document holds a private key stored unsealed.
+    pub fn has_unsealed(doc_text: &str) -> Result<bool, CoreError> {
+        Ok(parse_doc(doc_text)?
+            .keys
+            .iter()
+            .any(|k| k.private.starts_with("plain:")))
+    }
+
+    /// The document with every unsealed private key sealed with `sealing`, or `None` if there
+    /// was none.
+    pub fn seal_unsealed(
+        doc_text: &str,
+        sealing: &SealingKey,
+    ) -> Result<Option<String>, CoreError> {
+        let mut doc = parse_doc(doc_text)?;
+        let mut changed = false;
+        for k in &mut doc.keys {
+            if let Some(plain) = k.private.strip_prefix("plain:") {
+                let pkcs8 =
+                    Zeroizing::new(URL_SAFE_NO_PAD.decode(plain).map_err(|_| {
+                        internal("damaged keyring: a private key is not base64url")
+                    })?);
+                k.private = format!("sealed:{}", sealing.seal(&k.kid, &pkcs8)?);
+                changed = true;
+            }
+        }
+        if changed {
+            write_doc(&doc).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Loads a keyring document, unsealing its private keys.

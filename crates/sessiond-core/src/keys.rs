@@ -31,6 +31,8 @@ const CAS_ATTEMPTS: usize = 5;
 pub struct Keys {
     store: Arc<dyn SessionStore>,
     sealing: Option<SealingKey>,
+    /// Without a sealing key: refuse to store private keys (and other secrets) unsealed.
+    refuse_unsealed: bool,
     alg: SigningAlg,
     current: RwLock<Option<Arc<Keyring>>>,
     last_reload_ms: AtomicI64,
@@ -51,10 +53,30 @@ impl Keys {
         Self {
             store,
             sealing,
+            refuse_unsealed: false,
             alg,
             current: RwLock::new(None),
             last_reload_ms: AtomicI64::new(i64::MIN),
         }
+    }
+
+    /// Without a sealing key, generate no keyring (and store no secret) unsealed: token mode
+    /// and new secrets are refused until a keyring key is configured. A keyring already stored
+    /// unsealed still loads.
+    pub fn refusing_unsealed(mut self) -> Self {
+        self.refuse_unsealed = true;
+        self
+    }
+
+    /// Whether secrets cannot be stored here: no sealing key, and storing them unsealed is
+    /// refused.
+    pub fn refuses_unsealed(&self) -> bool {
+        self.refuse_unsealed && self.sealing.is_none()
+    }
+
+    /// The key that seals secrets in the store, if any.
+    pub fn sealing(&self) -> Option<&SealingKey> {
+        self.sealing.as_ref()
     }
 
     /// [`Keys::new`] and the first load.
@@ -83,8 +105,13 @@ impl Keys {
             return Ok(k);
         }
         self.reload(now).await?;
-        self.current()
-            .ok_or_else(|| CoreError::Internal("the keyring did not load".into()))
+        self.current().ok_or_else(|| {
+            CoreError::Internal(if self.refuses_unsealed() {
+                "no keyring: token mode needs jwt.keyring_key (or jwt.allow_unsealed_keys)".into()
+            } else {
+                "the keyring did not load".into()
+            })
+        })
     }
 
     /// Loads the stored keyring, or generates one and stores it if there is none.
@@ -92,10 +119,26 @@ impl Keys {
         self.last_reload_ms
             .store(now.as_millis(), Ordering::Release);
         for _ in 0..CAS_ATTEMPTS {
-            if let Some((_, doc)) = self.store.document(KEYRING_DOC).await? {
+            if let Some((version, doc)) = self.store.document(KEYRING_DOC).await? {
                 let ring = Keyring::load(&doc, self.sealing.as_ref())?;
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) =
                     Some(Arc::new(ring));
+                // A keyring stored unsealed (by an older version, or without a keyring key) is
+                // sealed as soon as a key is available; losing the race to another node is
+                // fine (it sealed it, or the next reload will).
+                if let Some(sealing) = &self.sealing
+                    && let Some(sealed) = Keyring::seal_unsealed(&doc, sealing)?
+                    && self
+                        .store
+                        .put_document(KEYRING_DOC, Some(version), &sealed)
+                        .await?
+                {
+                    tracing::info!("sealed the stored token signing keys with the keyring key");
+                }
+                return Ok(());
+            }
+            if self.refuses_unsealed() {
+                // No keyring is made until it can be sealed; token mode is refused meanwhile.
                 return Ok(());
             }
             let doc = Keyring::generate(self.alg, now, self.sealing.as_ref())?;
@@ -139,6 +182,10 @@ impl Keys {
             };
             // Refuse to rotate a keyring that cannot be read with this configuration.
             Keyring::load(&doc, sealing)?;
+            let doc = match sealing {
+                Some(s) => Keyring::seal_unsealed(&doc, s)?.unwrap_or(doc),
+                None => doc,
+            };
             let new_doc = Keyring::rotate(&doc, r, now, sealing)?;
             let ring = Keyring::load(&new_doc, sealing)?;
             if store.put_document(KEYRING_DOC, version, &new_doc).await? {

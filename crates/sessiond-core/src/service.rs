@@ -235,7 +235,15 @@ impl SessionService {
     /// The public keys that verify access tokens.
     pub async fn jwks(&self) -> Result<api::JwkSet, CoreError> {
         let now = self.clock.now();
-        Ok(self.keys_or_err()?.ensure(now).await?.jwks(now))
+        let keys = self.keys_or_err()?;
+        if keys.refuses_unsealed() && keys.current().is_none() {
+            // No keyring until a keyring key is configured: nothing is published.
+            keys.reload(now).await?;
+            if keys.current().is_none() {
+                return Ok(api::JwkSet { keys: Vec::new() });
+            }
+        }
+        Ok(keys.ensure(now).await?.jwks(now))
     }
 
     /// Signs an access token for the session, issued at `issued`.

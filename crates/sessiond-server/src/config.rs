@@ -268,6 +268,10 @@ pub struct WebhooksConfig {
     pub timeout_ms: u64,
     /// Endpoints by name (`[webhooks.endpoints.NAME]`); read-only through the API.
     pub endpoints: BTreeMap<String, WebhookEndpointConfig>,
+    /// Internal receivers deliveries may reach: exact host names and addresses or networks
+    /// (CIDR). Every other loopback (over https), private, link-local, shared, unique-local or
+    /// special-purpose destination is refused.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for WebhooksConfig {
@@ -278,6 +282,7 @@ impl Default for WebhooksConfig {
             retry_base_ms: 5000,
             timeout_ms: 10_000,
             endpoints: BTreeMap::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -349,6 +354,33 @@ impl WebhooksConfig {
         Ok(out)
     }
 
+    /// The destination rules of deliveries, with the system resolver.
+    pub fn destinations(&self) -> Result<crate::ssrf::Destinations, ConfigError> {
+        let allowed = crate::ssrf::AllowedHosts::parse(&self.allowed_hosts).map_err(ConfigError)?;
+        Ok(crate::ssrf::Destinations::new(
+            allowed,
+            crate::ssrf::system_lookup(),
+        ))
+    }
+
+    /// The configured endpoints, their destinations checked (names resolved): the message
+    /// names the endpoint whose destination is refused.
+    pub async fn checked_endpoints(
+        &self,
+        dest: &crate::ssrf::Destinations,
+    ) -> Result<BTreeMap<String, crate::webhooks::Endpoint>, ConfigError> {
+        let endpoints = self.endpoints()?;
+        for (name, e) in &endpoints {
+            if let Err(crate::ssrf::Refused(why)) = dest.check(&e.url).await {
+                return Err(ConfigError(format!(
+                    "webhooks.endpoints.{name}.url: this destination is not permitted ({why}); \
+                     list it in webhooks.allowed_hosts if it is a deliberate internal receiver"
+                )));
+            }
+        }
+        Ok(endpoints)
+    }
+
     /// The dispatcher's settings.
     pub fn options(&self) -> crate::webhooks::WebhookOptions {
         crate::webhooks::WebhookOptions {
@@ -374,6 +406,10 @@ pub struct JwtConfig {
     pub keyring_key_file: Option<PathBuf>,
     /// Seconds between reloads of the keyring from the store (rotations by other nodes).
     pub reload_interval_s: u64,
+    /// On PostgreSQL or Redis without a keyring key: store signing keys and webhook secrets
+    /// unsealed (readable by anyone who can read the store or its backups) instead of refusing
+    /// token mode and webhook secrets. Logged as a warning at start.
+    pub allow_unsealed_keys: bool,
 }
 
 impl Default for JwtConfig {
@@ -383,6 +419,7 @@ impl Default for JwtConfig {
             keyring_key: None,
             keyring_key_file: None,
             reload_interval_s: 10,
+            allow_unsealed_keys: false,
         }
     }
 }
@@ -397,6 +434,7 @@ impl std::fmt::Debug for JwtConfig {
             )
             .field("keyring_key_file", &self.keyring_key_file)
             .field("reload_interval_s", &self.reload_interval_s)
+            .field("allow_unsealed_keys", &self.allow_unsealed_keys)
             .finish()
     }
 }
@@ -727,6 +765,7 @@ impl Config {
             return bad("webhooks.timeout_ms: between 100 and 120000".into());
         }
         w.endpoints()?;
+        w.destinations()?;
         let p = &self.protection;
         if !(1..=86_400).contains(&p.window_s) {
             return bad("protection.window_s: between 1 and 86400".into());
@@ -785,6 +824,87 @@ impl Config {
     }
 }
 
+/// How the secrets in the store (signing keys, webhook secrets) are sealed.
+#[derive(Debug)]
+pub struct Sealing {
+    /// The keyring key, if there is one.
+    pub key: Option<SealingKey>,
+    /// Without a key: refuse to store secrets unsealed.
+    pub refuse_unsealed: bool,
+}
+
+impl Config {
+    /// The keyring key: the configured one; on the embedded store without one, the key in
+    /// `<data_dir>/keyring-key`, generated (0600) on first start; on a shared store without
+    /// one, none, and secrets are refused unless `jwt.allow_unsealed_keys` is set.
+    pub fn sealing(&self) -> Result<Sealing, ConfigError> {
+        if let Some(key) = self.jwt.sealing_key()? {
+            return Ok(Sealing {
+                key: Some(key),
+                refuse_unsealed: false,
+            });
+        }
+        if matches!(
+            crate::StoreUrl::parse(self.store.as_deref())?,
+            crate::StoreUrl::Embedded
+        ) {
+            let path = self.data_dir.join(GENERATED_KEYRING_KEY_FILE);
+            if !path.exists() {
+                let (_, text) = SealingKey::generate()
+                    .map_err(|e| ConfigError(format!("cannot generate a keyring key: {e}")))?;
+                write_secret_file(&self.data_dir, &path, &text).map_err(|e| {
+                    ConfigError(format!(
+                        "no keyring key is configured and none could be generated into {}: \
+                         {e}. Set jwt.keyring_key_file.",
+                        path.display()
+                    ))
+                })?;
+                tracing::warn!(
+                    path = %path.display(),
+                    "no keyring key configured: generated one into this file; it seals the \
+                     signing keys and webhook secrets in the database. Keep it, and keep it \
+                     out of database backups"
+                );
+            } else {
+                tracing::info!(path = %path.display(), "keyring key: from this file");
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError(format!("keyring key: cannot read {}: {e}", path.display()))
+            })?;
+            let key = SealingKey::from_base64(&text)
+                .map_err(|e| ConfigError(format!("keyring key in {}: {e}", path.display())))?;
+            return Ok(Sealing {
+                key: Some(key),
+                refuse_unsealed: false,
+            });
+        }
+        if self.jwt.allow_unsealed_keys {
+            tracing::warn!(
+                "jwt.allow_unsealed_keys is set: token signing keys and webhook secrets are \
+                 stored UNSEALED in the shared store; anyone who can read the store or a backup \
+                 of it can mint access tokens and forge webhook signatures. Set \
+                 jwt.keyring_key_file (the same key on every node) instead"
+            );
+            Ok(Sealing {
+                key: None,
+                refuse_unsealed: false,
+            })
+        } else {
+            tracing::info!(
+                "no keyring key configured: token mode and webhook secrets are refused until \
+                 jwt.keyring_key_file is set (the same key on every node)"
+            );
+            Ok(Sealing {
+                key: None,
+                refuse_unsealed: true,
+            })
+        }
+    }
+}
+
+/// Name of the generated keyring key file in the data directory.
+pub const GENERATED_KEYRING_KEY_FILE: &str = "keyring-key";
+
 /// Name of the generated API key file in the data directory.
 pub const GENERATED_KEY_FILE: &str = "api-key";
 
@@ -808,7 +928,7 @@ fn write_new_key(dir: &Path, path: &Path) -> Result<(), ConfigError> {
             path.display()
         ))
     };
-    std::fs::create_dir_all(dir).map_err(fail)?;
+    sessiond_store::embedded::private_dir(dir).map_err(fail)?;
     let (key, _) = TokenFormat::new("sk_")
         .and_then(|f| f.generate())
         .map_err(|e| ConfigError(format!("cannot generate an API key: {e}")))?;
@@ -823,6 +943,21 @@ fn write_new_key(dir: &Path, path: &Path) -> Result<(), ConfigError> {
     writeln!(f, "{}", key.expose())
         .and_then(|()| f.sync_all())
         .map_err(fail)
+}
+
+fn write_secret_file(dir: &Path, path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    sessiond_store::embedded::private_dir(dir)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    writeln!(f, "{text}")?;
+    f.sync_all()
 }
 
 fn validate_keys(keys: &[String]) -> Result<(), ConfigError> {

@@ -39,6 +39,16 @@ pub enum ApiError {
     /// The request conflicts with the resource's state.
     #[error("{0}")]
     Conflict(String),
+    /// A webhook URL whose destination is not permitted (the detail never repeats the URL).
+    #[error(
+        "url: this destination is not permitted: it is, or resolves to, a loopback, private, \
+         link-local or other internal or special-purpose address (an operator can allow it \
+         with webhooks.allowed_hosts)"
+    )]
+    WebhookUrlRefused,
+    /// A secret cannot be stored sealed: no keyring key is configured (shared store).
+    #[error("{0}")]
+    KeyringKeyRequired(String),
     /// The request ran past the request timeout.
     #[error("the request did not finish within the server's request timeout")]
     RequestTimeout,
@@ -117,6 +127,8 @@ impl IntoResponse for ApiError {
             ),
             ApiError::NotFound => (S::NOT_FOUND, codes::NOT_FOUND, detail),
             ApiError::Conflict(_) => (S::CONFLICT, codes::CONFLICT, detail),
+            ApiError::WebhookUrlRefused => (S::BAD_REQUEST, codes::WEBHOOK_URL_REFUSED, detail),
+            ApiError::KeyringKeyRequired(_) => (S::CONFLICT, codes::KEYRING_KEY_REQUIRED, detail),
             ApiError::MethodNotAllowed => {
                 (S::METHOD_NOT_ALLOWED, codes::METHOD_NOT_ALLOWED, detail)
             }

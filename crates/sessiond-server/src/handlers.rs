@@ -611,6 +611,7 @@ pub async fn get_policy(
         (status = 200, description = "The tenant's policy as stored.", body = PolicyDocument),
         (status = 400, description = "`invalid_policy`: the document is not a valid policy; `invalid_request`: the body is not a JSON object or the tenant id is invalid.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: the API key is missing or wrong.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`keyring_key_required`: the document turns token mode on, and the server (on PostgreSQL or Redis) has no keyring key to seal its signing keys with (`jwt.keyring_key_file`, or `jwt.allow_unsealed_keys`).", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "`internal`: an internal error (details are in the server log under the request id).", body = Problem, content_type = "application/problem+json"),
@@ -629,6 +630,13 @@ pub async fn put_policy(
         serde_json::from_value(serde_json::Value::Object(doc)).map_err(|e| {
             sessiond_core::CoreError::InvalidPolicy(crate::extract::describe_json_error(&e))
         })?;
+    if doc.tokens.is_some() && s.service.keys().is_some_and(|k| k.refuses_unsealed()) {
+        return Err(ApiError::KeyringKeyRequired(
+            "token mode needs a keyring key to seal its signing keys in the shared store: set \
+             jwt.keyring_key_file (the same key on every node), or jwt.allow_unsealed_keys"
+                .into(),
+        ));
+    }
     Ok(Json(
         s.service.put_policy(&tenant, doc, admin.audit()).await?,
     ))
@@ -770,9 +778,9 @@ pub async fn get_webhook(
     request_body(content = WebhookInput, content_type = "application/json"),
     responses(
         (status = 200, description = "The endpoint as stored; events from now on are delivered to it.", body = Webhook),
-        (status = 400, description = "`invalid_request`: a bad name, URL (https, or http to loopback only), event pattern or secret (`whsec_` + base64 of 24 to 64 bytes).", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`invalid_request`: a bad name, URL (https, or http to loopback only), event pattern or secret (`whsec_` + base64 of 24 to 64 bytes); `webhook_url_refused`: the URL is, or resolves to, a loopback, private, link-local or other internal address not listed in `webhooks.allowed_hosts`.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = PROBLEM_401, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`conflict`: the webhook comes from the configuration file.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`conflict`: the webhook comes from the configuration file; `keyring_key_required`: the server (on PostgreSQL or Redis) has no keyring key to seal the secret with.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body is over the configured limit.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`store_unavailable`: the store cannot be reached.", body = Problem, content_type = "application/problem+json"),

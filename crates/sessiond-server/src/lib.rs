@@ -18,6 +18,7 @@ pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod openapi;
+pub mod ssrf;
 pub mod tls;
 pub mod webhooks;
 
@@ -439,11 +440,13 @@ impl Server {
         ));
         let token_format = TokenFormat::new(&config.token_prefix)
             .map_err(|e| ConfigError(format!("token_prefix: {e}")))?;
-        let jwt_keys = Arc::new(Keys::new(
-            store.clone(),
-            config.jwt.sealing_key()?,
-            config.jwt.signing_alg()?,
-        ));
+        let sealing = config.sealing()?;
+        let jwt_keys = Keys::new(store.clone(), sealing.key, config.jwt.signing_alg()?);
+        let jwt_keys = Arc::new(if sealing.refuse_unsealed {
+            jwt_keys.refusing_unsealed()
+        } else {
+            jwt_keys
+        });
         let started = clock.now();
         match jwt_keys.reload(started).await {
             Ok(()) => {}
@@ -488,16 +491,20 @@ impl Server {
             }
         };
         let service = Arc::new(service);
+        let destinations = config.webhooks.destinations()?;
         let webhooks = webhooks::Webhooks::new(
             service.clone(),
             store.clone(),
-            config.webhooks.endpoints()?,
+            config.webhooks.checked_endpoints(&destinations).await?,
             config.webhooks.options(),
+            destinations,
             metrics.clone(),
         )
         .map_err(ConfigError)?;
         if let Err(e) = webhooks.reload().await {
             tracing::warn!(error = %e, "webhooks will load when the store answers");
+        } else if let Err(e) = webhooks.seal_stored().await {
+            tracing::warn!(error = %e, "could not seal the stored webhook secrets; will retry at next start");
         }
         let state = AppState {
             service,

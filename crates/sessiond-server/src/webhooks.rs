@@ -36,6 +36,7 @@ use sessiond_core::time::Timestamp;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::ssrf::{Destinations, Refused};
 
 /// The store document holding the endpoints made through the API.
 pub const WEBHOOKS_DOC: &str = "webhooks";
@@ -142,6 +143,33 @@ fn validate_url(url: &str) -> Result<(), String> {
     }
 }
 
+/// The prefix of a secret sealed in the store.
+const SEALED: &str = "sealed:";
+
+/// The associated data a webhook's secret is sealed with: it is bound to its webhook.
+fn secret_aad(name: &str) -> String {
+    format!("webhook:{name}")
+}
+
+fn unseal_secret(
+    key: Option<&sessiond_core::jwt::SealingKey>,
+    name: &str,
+    sealed: &str,
+) -> Result<String, StoreError> {
+    let key = key.ok_or_else(|| {
+        StoreError::Backend(
+            "the stored webhook secrets are sealed: configure the keyring key they were sealed \
+             with (jwt.keyring_key_file)"
+                .into(),
+        )
+    })?;
+    let plain = key
+        .open(&secret_aad(name), sealed)
+        .map_err(|e| StoreError::Backend(format!("webhook {name}: {e}")))?;
+    String::from_utf8(plain.to_vec())
+        .map_err(|_| StoreError::Backend(format!("webhook {name}: damaged secret")))
+}
+
 /// The key bytes of a `whsec_` secret (24 to 64 bytes).
 fn secret_bytes(secret: &str) -> Result<Vec<u8>, String> {
     let b64 = secret
@@ -208,6 +236,7 @@ pub struct Webhooks {
     /// The version of the `webhooks` document `loaded` comes from (0: none stored).
     applied: parking_lot::Mutex<u64>,
     http: reqwest::Client,
+    dest: Destinations,
     opts: WebhookOptions,
     metrics: Arc<Metrics>,
     node: String,
@@ -232,6 +261,7 @@ impl Webhooks {
         store: Arc<dyn SessionStore>,
         configured: BTreeMap<String, Endpoint>,
         opts: WebhookOptions,
+        dest: Destinations,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         for (name, e) in &configured {
@@ -242,6 +272,10 @@ impl Webhooks {
         }
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // Deliveries connect only to the addresses the destination rules permit, resolved
+            // at connection time (never through a proxy, which would resolve for itself).
+            .no_proxy()
+            .dns_resolver(Arc::new(dest.resolver()))
             .timeout(opts.timeout)
             .user_agent(concat!("sessiond-webhooks/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -263,22 +297,73 @@ impl Webhooks {
             loaded: RwLock::new(Arc::new(loaded)),
             applied: parking_lot::Mutex::new(0),
             http,
+            dest,
             opts,
             metrics,
             node,
         })
     }
 
-    async fn read_doc(&self) -> Result<(Option<u64>, Doc), StoreError> {
+    fn sealing(&self) -> Option<&sessiond_core::jwt::SealingKey> {
+        self.service.keys().and_then(|k| k.sealing())
+    }
+
+    fn refuses_unsealed(&self) -> bool {
+        self.service.keys().is_some_and(|k| k.refuses_unsealed())
+    }
+
+    /// The stored document, its secrets unsealed; and whether any was stored unsealed.
+    async fn read_stored(&self) -> Result<(Option<u64>, Doc, bool), StoreError> {
         match self.store.document(WEBHOOKS_DOC).await? {
-            None => Ok((None, Doc::default())),
+            None => Ok((None, Doc::default(), false)),
             Some((v, text)) => {
-                let doc = serde_json::from_str(&text).map_err(|e| {
+                let mut doc: Doc = serde_json::from_str(&text).map_err(|e| {
                     StoreError::Backend(format!("the webhooks document is damaged: {e}"))
                 })?;
-                Ok((Some(v), doc))
+                let mut unsealed = false;
+                for (name, e) in &mut doc.hooks {
+                    match e.secret.strip_prefix(SEALED) {
+                        Some(sealed) => e.secret = unseal_secret(self.sealing(), name, sealed)?,
+                        None => unsealed = true,
+                    }
+                }
+                Ok((Some(v), doc, unsealed))
             }
         }
+    }
+
+    async fn read_doc(&self) -> Result<(Option<u64>, Doc), StoreError> {
+        self.read_stored().await.map(|(v, d, _)| (v, d))
+    }
+
+    /// The document as stored: every secret sealed with the keyring key (when there is one).
+    fn stored_text(&self, doc: &Doc) -> Result<String, sessiond_core::CoreError> {
+        let mut out = Doc::default();
+        for (name, e) in &doc.hooks {
+            let mut e = e.clone();
+            if let Some(key) = self.sealing() {
+                e.secret = format!(
+                    "{SEALED}{}",
+                    key.seal(&secret_aad(name), e.secret.as_bytes())?
+                );
+            }
+            out.hooks.insert(name.clone(), e);
+        }
+        serde_json::to_string(&out)
+            .map_err(|e| sessiond_core::CoreError::Internal(format!("webhooks document: {e}")))
+    }
+
+    /// Seals secrets stored unsealed (by an older version) once a keyring key is available.
+    pub async fn seal_stored(&self) -> Result<(), ApiError> {
+        if self.sealing().is_none() {
+            return Ok(());
+        }
+        let (_, _, unsealed) = self.read_stored().await.map_err(store_err)?;
+        if unsealed {
+            self.change(|_| Ok(())).await?;
+            tracing::info!("sealed the stored webhook secrets with the keyring key");
+        }
+        Ok(())
     }
 
     /// Reloads the endpoints from the store.
@@ -370,6 +455,22 @@ impl Webhooks {
             secret: input.secret,
         };
         e.validate().map_err(ApiError::InvalidRequest)?;
+        if self.refuses_unsealed() {
+            return Err(ApiError::KeyringKeyRequired(
+                "webhook secrets are sealed with a keyring key, and the server has none: set \
+                 jwt.keyring_key_file (the same key on every node), or jwt.allow_unsealed_keys"
+                    .into(),
+            ));
+        }
+        if let Err(Refused(why)) = self.dest.check(&e.url).await {
+            tracing::info!(
+                target: "sessiond::webhooks",
+                webhook = %name,
+                reason = %why,
+                "webhook destination refused"
+            );
+            return Err(ApiError::WebhookUrlRefused);
+        }
         self.change(|doc| {
             if !doc.hooks.contains_key(name) && doc.hooks.len() >= MAX_WEBHOOKS {
                 return Err(ApiError::InvalidRequest(format!(
@@ -410,11 +511,7 @@ impl Webhooks {
         for _ in 0..8 {
             let (version, mut doc) = self.read_doc().await.map_err(store_err)?;
             f(&mut doc)?;
-            let text = serde_json::to_string(&doc).map_err(|e| {
-                ApiError::from(sessiond_core::CoreError::Internal(format!(
-                    "webhooks document: {e}"
-                )))
-            })?;
+            let text = self.stored_text(&doc)?;
             if self
                 .store
                 .put_document(WEBHOOKS_DOC, version, &text)
@@ -551,6 +648,7 @@ impl Webhooks {
                 let hook = hooks.get(&d.webhook).map(|(h, _)| h.clone());
                 let this = AttemptCtx {
                     http: self.http.clone(),
+                    dest: self.dest.clone(),
                     opts: self.opts.clone(),
                 };
                 tasks.spawn(async move { this.attempt(d, hook.as_ref(), now).await });
@@ -608,6 +706,7 @@ const URL_SAFE_ID: base64::engine::GeneralPurpose =
 
 struct AttemptCtx {
     http: reqwest::Client,
+    dest: Destinations,
     opts: WebhookOptions,
 }
 
@@ -673,6 +772,18 @@ impl AttemptCtx {
         let body = payload(&d.event);
         let ts = now.as_millis() / 1000;
         let sig = sign(&h.secret, &d.id, ts, &body).map_err(|e| (None, e, true))?;
+        // A literal address is not resolved, so the resolver cannot check it: check it here
+        // (the rules may have changed since the endpoint was made).
+        if let Err(Refused(why)) = self.dest.check_literal(&h.url) {
+            tracing::warn!(
+                target: "sessiond::webhooks",
+                webhook = %d.webhook,
+                delivery = %d.id,
+                reason = %why,
+                "webhook destination refused"
+            );
+            return Err((None, DELIVERY_FAILED.to_owned(), false));
+        }
         let res = self
             .http
             .post(&h.url)
@@ -690,20 +801,44 @@ impl AttemptCtx {
                 format!("the receiver answered {}", r.status().as_u16()),
                 false,
             )),
-            Err(e) => Err((None, describe(&e), false)),
+            Err(e) => {
+                tracing::warn!(
+                    target: "sessiond::webhooks",
+                    webhook = %d.webhook,
+                    delivery = %d.id,
+                    error = %describe(e),
+                    "webhook attempt failed"
+                );
+                Err((None, DELIVERY_FAILED.to_owned(), false))
+            }
         }
     }
 }
 
-/// A transport error without the URL (which may carry a token in its query).
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
+/// What a delivery records when no answer came: the same text whether the destination was
+/// refused, unreachable, slow or spoke bad TLS, so the deliveries API tells nothing about the
+/// network behind the server (the cause is in the server log).
+const DELIVERY_FAILED: &str = "delivery failed";
+
+/// A transport error for the server log, without the URL (which may carry a token in its
+/// query).
+fn describe(e: reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
     } else if e.is_connect() {
-        "connection failed".into()
+        "connection failed"
     } else {
-        "request failed".into()
+        "request failed"
+    };
+    let e = e.without_url();
+    let mut text = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
     }
+    text
 }
 
 /// The wait after `attempts` failed attempts: base × 2^(attempts-1), capped, with ±50% jitter.
@@ -807,6 +942,10 @@ mod tests {
             store,
             BTreeMap::new(),
             WebhookOptions::default(),
+            crate::ssrf::Destinations::new(
+                crate::ssrf::AllowedHosts::default(),
+                crate::ssrf::system_lookup(),
+            ),
             Arc::new(Metrics::new()),
         )
         .unwrap();

@@ -460,6 +460,87 @@ pub(crate) const COLUMNS: &str = "handle, token_hash, user_id, tenant, created_a
     remember_me, auth_method, auth_aal, authenticated_at, ip, user_agent, browser, os, data, \
     state, revoked_reason, ended_at, refresh, flags, expires_at, idle_timeout_s, rotations";
 
+/// Creates `dir` (and missing parents) readable by the owner only (0700, whatever the umask),
+/// or tightens an existing one that others could read, saying so in the log.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+            tracing::warn!(
+                path = %dir.display(),
+                was = format!("{mode:o}"),
+                "tightened the data directory to owner-only access (0700)"
+            );
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)
+}
+
+/// Creates `path` empty if it does not exist, readable by the owner only (0600), or
+/// tightens it.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        if !path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)?;
+        }
+        tighten_file(path)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+fn tighten_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_file() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o600))?;
+        tracing::warn!(
+            path = %path.display(),
+            was = format!("{mode:o}"),
+            "tightened a data file to owner-only access (0600)"
+        );
+    }
+    Ok(())
+}
+
+/// Tightens every regular file directly in `dir` to 0600 (the database, its WAL and
+/// shared-memory files, the generated keys).
+pub fn tighten_files(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    for entry in std::fs::read_dir(dir)? {
+        tighten_file(&entry?.path())?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 /// The schema version this build writes.
 const SCHEMA_VERSION: i64 = 5;
 
@@ -574,10 +655,16 @@ fn load(conn: &Connection, shared: &Shared) -> Result<usize, StoreError> {
 impl EmbeddedStore {
     /// Opens (creating if needed) the store in `dir`, loads it into memory and starts the writer.
     pub fn open(dir: &Path, opts: EmbeddedOptions) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
+        private_dir(dir)
             .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(DB_FILE);
+        private_file(&path)
+            .map_err(|e| StoreError::Backend(format!("cannot create {}: {e}", path.display())))?;
         let conn = open_connection(&path)?;
+        // SQLite gives the WAL and shared-memory files the database file's mode; an older
+        // version's files are tightened here.
+        tighten_files(dir)
+            .map_err(|e| StoreError::Backend(format!("cannot secure {}: {e}", dir.display())))?;
         let shared = Arc::new(Shared {
             by_token: DashMap::with_hasher(FastHash::default()),
             by_handle: DashMap::with_hasher(FastHash::default()),

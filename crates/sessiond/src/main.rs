@@ -170,8 +170,14 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
                     activate_after_s: activate_after_s.unwrap_or(2 * cfg.jwt.reload_interval_s),
                     retire_after_s: retire_after_s.unwrap_or(MAX_ACCESS_TOKEN_TTL_S + 60),
                 };
-                let sealing = cfg.jwt.sealing_key()?;
-                let kid = Keys::rotate(&*store, sealing.as_ref(), r, now).await?;
+                let sealing = cfg.sealing()?;
+                if sealing.refuse_unsealed {
+                    anyhow::bail!(
+                        "no keyring key: set jwt.keyring_key_file (the key of the servers) or \
+                         jwt.allow_unsealed_keys"
+                    );
+                }
+                let kid = Keys::rotate(&*store, sealing.key.as_ref(), r, now).await?;
                 store.flush().await?;
                 #[allow(clippy::print_stdout)]
                 {
@@ -188,7 +194,7 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
                 else {
                     anyhow::bail!("the store has no keyring yet: it is created when serve starts");
                 };
-                let ring = Keyring::load(&doc, cfg.jwt.sealing_key()?.as_ref())?;
+                let ring = Keyring::load(&doc, cfg.sealing()?.key.as_ref())?;
                 let signing = ring.signing_kid(now).map(str::to_owned);
                 #[allow(clippy::print_stdout)]
                 {

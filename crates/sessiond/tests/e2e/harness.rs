@@ -134,6 +134,7 @@ impl StoreEnv {
                     env: vec![
                         ("SESSIOND_STORE".into(), url.clone()),
                         ("SESSIOND_STORE_PREFIX".into(), prefix.clone()),
+                        ("SESSIOND_JWT__KEYRING_KEY".into(), keyring_key()),
                     ],
                     _owner: Arc::new(StoreOwner {
                         pg_schema: None,
@@ -147,6 +148,7 @@ impl StoreEnv {
                     env: vec![
                         ("SESSIOND_STORE".into(), postgres_url()),
                         ("SESSIOND_STORE_SCHEMA".into(), schema.clone()),
+                        ("SESSIOND_JWT__KEYRING_KEY".into(), keyring_key()),
                     ],
                     _owner: Arc::new(StoreOwner {
                         pg_schema: Some(schema),
@@ -156,6 +158,13 @@ impl StoreEnv {
             }
         }
     }
+}
+
+/// A keyring key shared by the nodes of a PostgreSQL or Redis store (the embedded store
+/// generates its own in the data directory).
+pub fn keyring_key() -> String {
+    let (_, text) = sessiond_core::jwt::SealingKey::generate().unwrap();
+    text.to_string()
 }
 
 pub fn new_key() -> String {
@@ -294,6 +303,96 @@ impl Server {
         }
         nodes.insert(0, first);
         nodes
+    }
+
+    /// A fresh server on a fresh store whose environment is `env` in place of the harness's
+    /// store settings for the same keys (for example without the keyring key).
+    pub fn start_replacing(env: &[(&str, Option<&str>)]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let mut store = StoreEnv::new();
+        for (k, v) in env {
+            store.env.retain(|(key, _)| key != k);
+            if let Some(v) = v {
+                store.env.push(((*k).to_owned(), (*v).to_owned()));
+            }
+        }
+        let mut s = Self::spawn(
+            &dir,
+            Some(&new_key()),
+            &[],
+            store,
+            tmp.path().join("sessiond.log"),
+        );
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Everything the store holds outside the session tables, as raw text read straight from
+    /// storage: the SQLite files (database and WAL), the PostgreSQL `meta` table, or every
+    /// hash under the Redis prefix.
+    pub async fn raw_store_text(&self) -> String {
+        let env = |k: &str| {
+            self.store
+                .env
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        match (
+            env("SESSIOND_STORE"),
+            env("SESSIOND_STORE_SCHEMA"),
+            env("SESSIOND_STORE_PREFIX"),
+        ) {
+            (None, _, _) => {
+                let mut out = String::new();
+                for entry in std::fs::read_dir(&self.dir).unwrap() {
+                    let p = entry.unwrap().path();
+                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                    if name.starts_with("sessiond.db") {
+                        out.push_str(&String::from_utf8_lossy(&std::fs::read(&p).unwrap()));
+                    }
+                }
+                out
+            }
+            (Some(url), Some(schema), _) => {
+                let pool = sqlx::PgPool::connect(&url).await.unwrap();
+                let sql = format!("SELECT name || '=' || value::text FROM {schema}.meta");
+                let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+                rows.into_iter().map(|r| r.0 + "\n").collect()
+            }
+            (Some(url), None, Some(prefix)) => tokio::task::spawn_blocking(move || {
+                let nodes: Vec<String> = match url.strip_prefix("redis+cluster://") {
+                    Some(list) => list.split(',').map(|n| format!("redis://{n}")).collect(),
+                    None => vec![url.clone()],
+                };
+                let mut out = String::new();
+                for node in nodes {
+                    let mut c = redis::Client::open(node).unwrap().get_connection().unwrap();
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("{prefix}:*"))
+                        .query(&mut c)
+                        .unwrap();
+                    for k in keys {
+                        let kind: String = redis::cmd("TYPE").arg(&k).query(&mut c).unwrap();
+                        if kind == "hash" {
+                            let v: Vec<String> = redis::cmd("HGETALL")
+                                .arg(&k)
+                                .query(&mut c)
+                                .unwrap_or_default();
+                            out.push_str(&format!("{k}={}\n", v.join(" ")));
+                        }
+                    }
+                }
+                out
+            })
+            .await
+            .unwrap(),
+            _ => unreachable!("a shared store has a schema or a prefix"),
+        }
     }
 
     /// The process's thread count and resident memory (KiB), from `/proc`.

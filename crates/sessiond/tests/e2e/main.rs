@@ -13,6 +13,7 @@ mod outage;
 mod process;
 mod protection;
 mod readme;
+mod secrets;
 mod tokens;
 
 /// Instantiates each named `async fn` test once per store: `<name>::embedded`,

@@ -54,6 +54,7 @@ fn fixture() -> &'static Fixture {
             aal: 1,
             tenant: "default".into(),
             jti: "j".into(),
+            rot: 0,
             extra: serde_json::Map::new(),
         };
         let ring = |alg| {

@@ -209,6 +209,7 @@ impl SessionStore for MemStore {
         patch: &Map<String, Value>,
         limit: usize,
         now: Timestamp,
+        _audit: &Audit,
     ) -> Result<DataUpdate, StoreError> {
         let mut inner = self.lock();
         let Some(s) = inner.by_handle.get(handle).cloned() else {
@@ -548,7 +549,7 @@ fn check_patch(req: &PatchSessionRequest) {
     let svc = service();
     let (_, handle) = baseline(&svc);
     let before = block_on(svc.get(&handle)).expect("get").data;
-    match block_on(svc.patch_data(&handle, &req.data)) {
+    match block_on(svc.patch_data(&handle, &req.data, &Audit::default())) {
         Ok(s) => {
             let mut expected = before;
             session::merge_patch(&mut expected, &req.data);

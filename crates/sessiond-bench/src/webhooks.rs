@@ -301,6 +301,12 @@ pub fn handover(
         poll_ms.to_string(),
     ));
     env.push(("SESSIOND_PROTECTION__ENABLED".into(), "false".into()));
+    // Nodes on a shared store keep webhook secrets sealed with a key they share.
+    let (_, keyring_key) = sessiond_core::jwt::SealingKey::generate()?;
+    env.push((
+        "SESSIOND_JWT__KEYRING_KEY".into(),
+        keyring_key.as_str().to_owned(),
+    ));
     let result = runtime.block_on(handovers(bin, &env, kills));
     let cleaned = runtime.block_on(cleanup.run());
     let out = result?;

@@ -18,8 +18,11 @@
 //!   every further multiple of the threshold the source reaches in the window (exponential
 //!   backoff), at most `block_max_s`. Refused attempts still count, so a client that keeps
 //!   guessing stays blocked longer.
-//! - **Creation**: at most `creates_per_user` new sessions per user and `creates_per_ip` per
-//!   source in a window; past it, `429 too_many_attempts` until the window moves on.
+//! - **Creation**: at most `creates_per_user` new sessions per user, `creates_per_ip` per
+//!   client network (and API key), and `creates_per_key` per API key for requests that name no
+//!   client address, in a window; past it, `429 too_many_attempts` until the window moves on.
+//!   The per-key limit is far higher than the per-network one: all of an application's users
+//!   share its key, so it bounds a runaway or abused key, not a person.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -50,6 +53,9 @@ pub struct GuardConfig {
     pub creates_per_user: u32,
     /// Sessions created per client network and window (0: no limit).
     pub creates_per_ip: u32,
+    /// Sessions created per API key and window by requests naming no client address (0: no
+    /// limit).
+    pub creates_per_key: u32,
 }
 
 impl Default for GuardConfig {
@@ -61,6 +67,7 @@ impl Default for GuardConfig {
             block_max_s: 3600,
             creates_per_user: 30,
             creates_per_ip: 300,
+            creates_per_key: 60_000,
         }
     }
 }
@@ -371,14 +378,14 @@ impl Guard {
                 retry_after: RetryAfter(self.creates_user.secs_to_next_window(now)),
             });
         }
-        if self.cfg.creates_per_ip > 0 && self.creates_ip.add(source, now) > self.cfg.creates_per_ip
-        {
+        let (limit, name) = if source.network.is_some() {
+            (self.cfg.creates_per_ip, "network")
+        } else {
+            (self.cfg.creates_per_key, "api_key")
+        };
+        if limit > 0 && self.creates_ip.add(source, now) > limit {
             return Err(Throttled {
-                limit: if source.network.is_some() {
-                    "network"
-                } else {
-                    "api_key"
-                },
+                limit: name,
                 retry_after: RetryAfter(self.creates_ip.secs_to_next_window(now)),
             });
         }
@@ -448,6 +455,7 @@ mod tests {
                 block_max_s: 100,
                 creates_per_user: 3,
                 creates_per_ip: 4,
+                creates_per_key: 6,
             },
             t(0),
         )
@@ -571,9 +579,10 @@ mod tests {
             Ok(())
         );
         assert_eq!(g.check_verify(src("203.0.113.7"), t(2)), Ok(()));
-        // Creations without an address count against the key (creates_per_ip = 4).
+        // Creations without an address count against the key, under its own, higher limit
+        // (creates_per_key = 6, creates_per_ip = 4).
         let k3 = Source::new(None, Some("api_key:k3"));
-        for u in 0..4 {
+        for u in 0..6 {
             assert_eq!(g.check_create(&format!("default/c{u}"), k3, t(3)), Ok(()));
         }
         assert_eq!(

@@ -173,6 +173,9 @@ pub struct ProtectionConfig {
     pub creates_per_user: u32,
     /// Sessions created per client network in a window (0: no limit).
     pub creates_per_ip: u32,
+    /// Sessions created per API key in a window by requests naming no `client.ip` (0: no
+    /// limit).
+    pub creates_per_key: u32,
 }
 
 impl Default for ProtectionConfig {
@@ -186,6 +189,7 @@ impl Default for ProtectionConfig {
             block_max_s: g.block_max_s,
             creates_per_user: g.creates_per_user,
             creates_per_ip: g.creates_per_ip,
+            creates_per_key: g.creates_per_key,
         }
     }
 }
@@ -200,6 +204,7 @@ impl ProtectionConfig {
             block_max_s: self.block_max_s,
             creates_per_user: self.creates_per_user,
             creates_per_ip: self.creates_per_ip,
+            creates_per_key: self.creates_per_key,
         })
     }
 }

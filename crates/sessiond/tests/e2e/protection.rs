@@ -253,7 +253,11 @@ async fn guessing_without_client_ip_is_counted_per_api_key_and_valid_tokens_stil
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creation_without_client_ip_is_limited_per_api_key_and_recorded() {
-    let s = Server::start_with(&[("SESSIOND_PROTECTION__CREATES_PER_IP", "3")]);
+    // Requests naming a client address count per network, the others per key, each limit its own.
+    let s = Server::start_with(&[
+        ("SESSIOND_PROTECTION__CREATES_PER_IP", "2"),
+        ("SESSIOND_PROTECTION__CREATES_PER_KEY", "3"),
+    ]);
     for i in 0..3 {
         let r = s
             .post("/v1/sessions", json!({"user_id": format!("ct-{i}")}))

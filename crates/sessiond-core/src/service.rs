@@ -331,10 +331,7 @@ impl SessionService {
             reason: what,
             details,
         } = finding;
-        let mut audit = Audit::new(SYSTEM_ACTOR);
-        audit.ip = client.ip;
-        audit.user_agent = client.user_agent.clone();
-        let audit = &self.scoped(&audit);
+        let audit = &self.scoped(&from_client(&Audit::new(SYSTEM_ACTOR), client));
         let handle = found.record.handle.clone();
         tracing::warn!(
             target: "sessiond::security",
@@ -409,9 +406,7 @@ impl SessionService {
         if !self.security_events.allow(now) {
             return;
         }
-        let mut audit = Audit::new(SYSTEM_ACTOR);
-        audit.ip = client.ip;
-        audit.user_agent = client.user_agent.clone();
+        let mut audit = from_client(&Audit::new(SYSTEM_ACTOR), client);
         audit.request_id = asker.request_id.clone();
         let mut e = audit.event(
             EventKind::SecurityBruteForce,
@@ -463,9 +458,7 @@ impl SessionService {
         blocked: bool,
         now: Timestamp,
     ) {
-        let mut audit = asker.clone();
-        audit.ip = client.ip;
-        audit.user_agent = client.user_agent.clone();
+        let audit = from_client(asker, client);
         let mut e = audit.event(
             EventKind::SecurityInvalidToken,
             now,
@@ -819,9 +812,7 @@ impl SessionService {
         if let Some(r) = &req.require
             && let Err(e) = check_requirements(&found.record, aal, r, now)
         {
-            let mut audit = asker.clone();
-            audit.ip = client.ip;
-            audit.user_agent = client.user_agent.clone();
+            let audit = from_client(asker, &client);
             let mut ev = audit.session_event(
                 EventKind::SecurityStepUpDenied,
                 now,
@@ -1634,6 +1625,14 @@ fn decode_cursor(c: &str) -> Result<(Timestamp, SessionHandle), CoreError> {
     let ms: i64 = ms.parse().map_err(|_| bad())?;
     let handle = SessionHandle::parse(handle).map_err(|_| bad())?;
     Ok((Timestamp::from_millis(ms), handle))
+}
+
+/// `audit` with the end user's address and user agent taken from `client`.
+fn from_client(audit: &Audit, client: &crate::session::DeviceRecord) -> Audit {
+    let mut a = audit.clone();
+    a.ip = client.ip;
+    a.user_agent = client.user_agent.clone();
+    a
 }
 
 #[cfg(test)]
